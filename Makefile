@@ -1,0 +1,42 @@
+# vitresize: `make demo` to see it work, `make test` to run the tests. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := build/demo
+
+.PHONY: install demo test lint format fixtures clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@mkdir -p $(DEMO)
+	$(BIN)/vitresize inspect fixtures/timm_vit_cls.pth
+	$(BIN)/vitresize convert fixtures/timm_vit_cls.pth $(DEMO)/vit_48.safetensors --img-size 48 --force
+	$(BIN)/vitresize convert fixtures/deit_distilled.pth $(DEMO)/deit_p4.pth --patch 4 --force
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+fixtures: install
+	$(BIN)/python fixtures/make_fixtures.py
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache .mypy_cache

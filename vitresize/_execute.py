@@ -1,0 +1,235 @@
+"""Carry out a :class:`~vitresize.plan.Plan`: resample the planned tensors, stream the rest, write atomically."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import CheckpointFormatError, UsageError, VitresizeError
+from .formats import ROOT, output_format
+from .formats.atomic import atomic_path, check_destination
+from .resample.geometry import format_size
+
+if TYPE_CHECKING:
+    import torch
+
+    from .formats import Checkpoint
+    from .plan import Plan, Report
+
+__all__ = ["dry_run_report", "execute"]
+
+Key = tuple[str, str]  # (state dict, tensor key)
+
+
+def _select(plan: Plan, ckpt: Checkpoint, dst_format: str, select: str | None) -> tuple[tuple[str, ...], list[str]]:
+    """Which state dicts go into the output, and what of the source is left out."""
+    if dst_format == "torch":
+        if select is not None:
+            raise UsageError("--select only applies to a .safetensors output; a .pth keeps the whole container")
+        left = [f"safetensors metadata ({len(ckpt.metadata)} entries)"] if ckpt.metadata else []
+        return tuple(ckpt.state_dicts), left
+    if select is not None:
+        if select not in ckpt.state_dicts:
+            names = ", ".join(n or "(root)" for n in ckpt.state_dicts)
+            raise UsageError(f"--select {select!r} is not a state dict of {ckpt.path}; it has: {names}")
+        chosen = select
+    else:
+        vits = plan.state_dicts
+        chosen = next((s for s in vits if "ema" not in s.rsplit("/", 1)[-1].lower()), vits[0])
+    left: list[str] = []
+    if chosen != ROOT:
+        root = chosen.split("/")[0]
+        container = getattr(ckpt, "container", None)
+        tops = [str(k) for k in container] if isinstance(container, Mapping) else []
+        left += [t for t in tops if t != root]
+        left += [s for s in ckpt.state_dicts if s != chosen and s.split("/")[0] == root]
+    raw = _raw_state_dict(ckpt, chosen)
+    if raw is not None:
+        import torch
+
+        left += [f"{k} (not a tensor)" for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    return (chosen,), left
+
+
+def _raw_state_dict(ckpt: Checkpoint, name: str) -> Mapping[str, Any] | None:
+    from .formats.torch_pickle import TorchCheckpoint
+
+    return ckpt.raw_state_dict(name) if isinstance(ckpt, TorchCheckpoint) else None
+
+
+def _resample(plan: Plan, ckpt: Checkpoint) -> dict[Key, torch.Tensor]:
+    from .resample.patch_embed import resample_patch_embed
+    from .resample.pos_embed import resample_pos_embed
+
+    out: dict[Key, torch.Tensor] = {}
+    for m in plan.models:
+        e = m.embedding
+        for c in plan.changes:
+            if c.state_dict != e.state_dict or c.key not in (e.pos_key, e.patch_key):
+                continue
+            t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
+            if c.op == "pos_embed":
+                new = resample_pos_embed(
+                    t,
+                    old_grid=m.source.grid,
+                    new_grid=m.target.grid,
+                    num_prefix_tokens=e.prefix_rows,
+                    convention=plan.pos_convention,
+                )
+            else:
+                new = resample_patch_embed(t, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
+            out[(c.state_dict, c.key)] = new.cpu().contiguous()
+    return out
+
+
+def _provenance(plan: Plan) -> dict[str, str]:
+    m = plan.models[0]
+    return {
+        "vitresize.version": __version__,
+        "vitresize.source": plan.src.name,
+        "vitresize.old_grid": format_size(m.source.grid),
+        "vitresize.new_grid": format_size(m.target.grid),
+        "vitresize.old_patch": format_size(m.source.patch),
+        "vitresize.new_patch": format_size(m.target.patch),
+        "vitresize.method": plan.method,
+        "vitresize.interpolation": plan.pos_convention.interpolation,
+        "vitresize.antialias": str(plan.pos_convention.antialias).lower(),
+        "vitresize.patch_method": plan.patch_method,
+    }
+
+
+def _write_safetensors(plan: Plan, ckpt: Checkpoint, name: str, repl: dict[Key, torch.Tensor], tmp: Path) -> int:
+    from .formats.safetensors import SafetensorsCheckpoint, Segment, read_header, write_safetensors
+
+    segments: list[Segment] = []
+    src_fd = -1
+    try:
+        if isinstance(ckpt, SafetensorsCheckpoint):
+            src_fd = os.open(ckpt.path, os.O_RDONLY)
+            for key, e in sorted(ckpt.entries.items(), key=lambda kv: kv[1].start):
+                info = ckpt.state_dicts[ROOT][key]
+                if (ROOT, key) in repl:
+                    segments.append(_tensor_segment(key, repl[(ROOT, key)]))
+                else:
+                    segments.append(Segment(key, info.dtype, info.shape, e.end - e.start, copy_from=(src_fd, e.start)))
+        else:
+            import torch
+
+            for key, v in _raw_state_dict(ckpt, name).items():  # type: ignore[union-attr]
+                if isinstance(v, torch.Tensor):
+                    segments.append(_tensor_segment(key, repl.get((name, key), v)))
+        metadata = {"format": "pt", **ckpt.metadata, **_provenance(plan)}
+        written = write_safetensors(tmp, segments, metadata)
+    finally:
+        if src_fd >= 0:
+            os.close(src_fd)
+    _, entries, _ = read_header(tmp)
+    got = {k: (e.shape, e.dtype) for k, e in entries.items()}
+    from .formats._dtypes import TORCH_TO_ST
+
+    want = {s.name: (s.shape, TORCH_TO_ST[s.dtype]) for s in segments}
+    if got != want:
+        raise VitresizeError(f"internal check failed: {tmp} does not hold the planned tensors (a vitresize bug)")
+    return written
+
+
+def _tensor_segment(key: str, t: torch.Tensor) -> Any:
+    from .formats.safetensors import Segment
+
+    dtype = str(t.dtype).removeprefix("torch.")
+    return Segment(key, dtype, tuple(t.shape), t.numel() * t.element_size(), tensor=lambda: t)
+
+
+def _replace(node: Any, path: list[str], key: str, value: Any) -> Any:
+    """A shallow copy of ``node`` with ``node[path...][key] = value``; dict types and attributes kept."""
+    new = copy.copy(node)
+    if path:
+        new[path[0]] = _replace(node[path[0]], path[1:], key, value)
+    else:
+        new[key] = value
+    return new
+
+
+def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path) -> int:
+    from .formats.safetensors import SafetensorsCheckpoint
+    from .formats.torch_pickle import TorchCheckpoint, iter_state_dicts, load_container, save_container
+
+    if isinstance(ckpt, TorchCheckpoint):
+        container = ckpt.container
+        for (sd, key), t in repl.items():
+            container = _replace(container, sd.split("/") if sd else [], key, t)
+    elif isinstance(ckpt, SafetensorsCheckpoint):
+        container = OrderedDict(
+            (k, repl[(ROOT, k)] if (ROOT, k) in repl else ckpt.mapped_tensor(k)) for k in ckpt.entries
+        )
+    else:  # pragma: no cover - every reader is one of the above
+        raise CheckpointFormatError(f"cannot write {ckpt.format} input as .pth")
+    save_container(container, tmp)
+    # Re-read what was written (mmap: headers and shapes only) and check it against the plan.
+    got = {"/".join(p): {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")} for p, sd in iter_state_dicts(load_container(tmp, mmap=True))}
+    want = {
+        name: {k: tuple(repl[(name, k)].shape) if (name, k) in repl else info.shape for k, info in infos.items()}
+        for name, infos in ckpt.state_dicts.items()
+    }
+    if got != want:
+        raise VitresizeError(f"internal check failed: {tmp} does not hold the planned tensors (a vitresize bug)")
+    return tmp.stat().st_size
+
+
+def _report(plan: Plan, dst: Path, fmt: str, dry: bool, written: int, sds: tuple[str, ...], left: list[str]) -> Report:
+    from .plan import Report
+
+    assert plan.checkpoint is not None
+    warnings = list(plan.warnings)
+    if fmt == "torch" and "optimizer" in plan.checkpoint.extras and plan.changes:
+        warnings.append(
+            "the optimizer state is kept as it is, with moments of the old shapes; start a new optimizer "
+            "rather than resuming it from this checkpoint"
+        )
+    tensors = sum(len(plan.checkpoint.state_dicts[s]) for s in sds)
+    changed = sum(1 for c in plan.changes if c.state_dict in sds)
+    return Report(
+        plan=plan,
+        dst=dst,
+        dst_format=fmt,
+        dry_run=dry,
+        bytes_written=written,
+        written_state_dicts=sds,
+        left_out=tuple(left),
+        warnings=tuple(warnings),
+        passed_through=tensors - changed,
+    )
+
+
+def dry_run_report(plan: Plan, dst: Path, *, force: bool, select: str | None) -> Report:
+    """Validate the destination and the selection as :func:`execute` would, without reading or writing data."""
+    assert plan.checkpoint is not None
+    fmt = output_format(dst)
+    check_destination(dst, force=force)
+    sds, left = _select(plan, plan.checkpoint, fmt, select)
+    return _report(plan, dst, fmt, True, 0, sds, left)
+
+
+def execute(plan: Plan, dst: Path, *, force: bool, select: str | None) -> Report:
+    """Resample, write ``dst`` atomically, check the output against the plan; see :func:`vitresize.convert`."""
+    ckpt = plan.checkpoint
+    if ckpt is None:
+        raise ValueError("this plan has no open checkpoint (was it closed?)")
+    fmt = output_format(dst)
+    check_destination(dst, force=force)
+    sds, left = _select(plan, ckpt, fmt, select)
+    repl = _resample(plan, ckpt)
+    try:
+        with atomic_path(dst, force=force) as tmp:
+            if fmt == "safetensors":
+                written = _write_safetensors(plan, ckpt, sds[0], repl, tmp)
+            else:
+                written = _write_torch(ckpt, repl, tmp)
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
+    return _report(plan, dst, fmt, False, written, sds, left)

@@ -1,0 +1,241 @@
+"""The ``vitresize`` command: parse options, call the API, hand the result to the renderer.
+
+Exit codes: 0 success (also dry run and no-op), 1 error, 2 usage error, 130 interrupted.
+torch is imported only inside command bodies, so ``vitresize --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import _render
+from ._version import __version__
+from .errors import VitresizeError
+
+__all__ = ["app", "main"]
+
+EPILOG = (
+    "Exit codes: 0 success (also --dry-run and no-op), 1 error, 2 usage error, 130 interrupted. "
+    "Set VITRESIZE_DEBUG=1 to see tracebacks."
+)
+
+app = typer.Typer(
+    name="vitresize",
+    help="Move a pretrained Vision Transformer checkpoint to a new input resolution or patch size.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Family(str, Enum):
+    auto = "auto"
+    timm = "timm"
+    torchvision = "torchvision"
+
+
+class Method(str, Enum):
+    native = "native"
+    timm = "timm"
+    torchvision = "torchvision"
+    deit = "deit"
+
+
+class Interpolation(str, Enum):
+    bicubic = "bicubic"
+    bilinear = "bilinear"
+    nearest = "nearest"
+    area = "area"
+
+
+class PatchMethod(str, Enum):
+    pi = "pi"
+    interp = "interp"
+
+
+GEOM = "Target geometry"
+SRC_GEOM = "Source geometry (when the checkpoint cannot tell)"
+CONV = "Resampling"
+OUT = "Output"
+
+SrcArg = Annotated[Path, typer.Argument(help="Checkpoint to read (.pth/.pt/.bin or .safetensors).", show_default=False)]
+DstArg = Annotated[Path, typer.Argument(help="File to write; .safetensors or .pth/.pt/.bin.", show_default=False)]
+ImgSizeOpt = Annotated[
+    str | None, typer.Option("--img-size", help="New image size: N or HxW (grid = img-size / patch).", rich_help_panel=GEOM)
+]
+PatchOpt = Annotated[
+    str | None,
+    typer.Option("--patch", help="New patch size: N or HxW; alone it keeps the image size.", rich_help_panel=GEOM),
+]
+GridOpt = Annotated[
+    str | None, typer.Option("--grid", help="New patch grid HxW, instead of --img-size.", rich_help_panel=GEOM)
+]
+FromImgOpt = Annotated[
+    str | None,
+    typer.Option("--from-img-size", help="Image size the checkpoint was trained at, HxW.", rich_help_panel=SRC_GEOM),
+]
+FromGridOpt = Annotated[
+    str | None, typer.Option("--from-grid", help="Patch grid of the checkpoint, HxW.", rich_help_panel=SRC_GEOM)
+]
+FamilyOpt = Annotated[Family, typer.Option("--family", help="Checkpoint family (auto-detected from key names).")]
+MethodOpt = Annotated[
+    Method,
+    typer.Option(
+        "--method",
+        help="Interpolation convention: native = the checkpoint library's own; timm (bicubic, antialias); "
+        "torchvision (bicubic, align_corners); deit (bicubic, DeiT/MAE/HF ViT).",
+        rich_help_panel=CONV,
+    ),
+]
+InterpOpt = Annotated[
+    Interpolation | None,
+    typer.Option("--interpolation", help="Override the mode (position table and patch basis).", rich_help_panel=CONV),
+]
+AntialiasOpt = Annotated[
+    bool | None,
+    typer.Option("--antialias/--no-antialias", help="Override antialiasing.", show_default=False, rich_help_panel=CONV),
+]
+PatchMethodOpt = Annotated[
+    PatchMethod,
+    typer.Option(
+        "--patch-method", help="Patch kernel: pi = FlexiViT pseudo-inverse resize; interp = plain interpolation.", rich_help_panel=CONV
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where to resample: cpu, cuda or cuda:N.", rich_help_panel=CONV)]
+SelectOpt = Annotated[
+    str | None,
+    typer.Option("--select", help="State dict of a container to write to .safetensors (default: the non-EMA model).", rich_help_panel=OUT),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.", rich_help_panel=OUT)]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would change; write nothing.", rich_help_panel=OUT)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.", rich_help_panel=OUT)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.", rich_help_panel=OUT)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.", rich_help_panel=OUT)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vitresize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Move a pretrained Vision Transformer checkpoint to a new input resolution or patch size."""
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Known errors: one ``Error:`` line and their exit code. Others keep their traceback (they are bugs)."""
+    try:
+        yield
+    except VitresizeError as e:
+        if os.environ.get("VITRESIZE_DEBUG"):
+            raise
+        _render.error(str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        _render.error("interrupted; nothing was written")
+        raise typer.Exit(130) from None
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  vitresize convert vit_b16_224.pth vit_b16_384.safetensors --img-size 384\n\n"
+    "  vitresize convert deit.pth deit_p8.pth --patch 8 --dry-run\n\n"
+    "  vitresize convert vit_32x48.safetensors out.safetensors --from-img-size 512x768 --img-size 384\n\n" + EPILOG
+)
+def convert(
+    src: SrcArg,
+    dst: DstArg,
+    img_size: ImgSizeOpt = None,
+    patch: PatchOpt = None,
+    grid: GridOpt = None,
+    from_img_size: FromImgOpt = None,
+    from_grid: FromGridOpt = None,
+    family: FamilyOpt = Family.auto,
+    method: MethodOpt = Method.native,
+    interpolation: InterpOpt = None,
+    antialias: AntialiasOpt = None,
+    patch_method: PatchMethodOpt = PatchMethod.pi,
+    device: DeviceOpt = "cpu",
+    select: SelectOpt = None,
+    force: ForceOpt = False,
+    dry_run: DryRunOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Resample the position embedding (and patch kernel) of SRC to a new size and write DST."""
+    with _errors():
+        from . import api
+
+        rep = api.convert(
+            src,
+            dst,
+            force=force,
+            dry_run=dry_run,
+            select=select,
+            img_size=img_size,
+            patch=patch,
+            grid=grid,
+            from_img_size=from_img_size,
+            from_grid=from_grid,
+            family=family.value,
+            method=method.value,
+            interpolation=interpolation.value if interpolation else None,
+            antialias=antialias,
+            patch_method=patch_method.value,
+            device=device,
+        )
+        if json_:
+            _render.json_out(rep.to_dict())
+        elif not quiet:
+            _render.report(rep, verbose=verbose)
+        if not quiet:
+            for w in rep.warnings:
+                _render.warning(w)
+            _render.left_out(rep)
+            if verbose and rep.plan.src_format == "torch-legacy":
+                _render.info("legacy (non-zip) torch pickle: it was loaded whole; re-save it with torch.save for lazy reads")
+
+
+@app.command(
+    epilog="Examples:\n\n  vitresize inspect vit_b16_224.pth\n\n  vitresize inspect model.safetensors --json\n\n" + EPILOG
+)
+def inspect(
+    src: SrcArg,
+    family: FamilyOpt = Family.auto,
+    from_img_size: FromImgOpt = None,
+    from_grid: FromGridOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show a checkpoint's format, nesting, tensors, and its ViT embeddings and geometry."""
+    with _errors():
+        from . import api
+
+        ins = api.inspect(src, family=family.value, from_img_size=from_img_size, from_grid=from_grid)
+        if json_:
+            _render.json_out(ins.to_dict())
+        else:
+            _render.inspection(ins)
+            for w in ins.warnings:
+                _render.warning(w)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

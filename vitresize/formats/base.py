@@ -1,0 +1,54 @@
+"""The reader interface every format implements. Pure Python; tensors are only touched through it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from ..keymaps import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Checkpoint", "ROOT"]
+
+ROOT = ""
+"""Name of the state dict when the file is a flat state dict (no container around it)."""
+
+
+class Checkpoint(ABC):
+    """An opened checkpoint: its state dicts' shapes and dtypes, read without materializing tensor data.
+
+    Attributes:
+        path: the file.
+        format: ``"safetensors"``, ``"torch-zip"`` or ``"torch-legacy"``.
+        metadata: string metadata stored in the file (safetensors ``__metadata__``), else empty.
+        state_dicts: every model-like dict, by name (``"model"``, ``"model_ema"``; ``""`` for a flat file),
+            mapping keys to :class:`TensorInfo`.
+        extras: container entries that are not state dicts (``epoch``, ``args``, ``optimizer``, ...).
+        lazy: tensor data is read on demand (safetensors, torch zip via mmap), not all loaded up front.
+    """
+
+    path: Path
+    format: str
+    metadata: dict[str, str]
+    state_dicts: dict[str, dict[str, TensorInfo]]
+    extras: list[str]
+    lazy: bool
+
+    @abstractmethod
+    def tensor(self, state_dict: str, key: str) -> torch.Tensor:
+        """Materialize one tensor on the CPU."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles and mappings."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,258 @@
+"""safetensors: header-first reading, and a streaming writer that copies untouched byte ranges.
+
+The header is parsed and validated here (no torch needed), so ``inspect`` and planning only read the
+header. Tensors to resample are read with ``safetensors.safe_open``; every other tensor is copied from
+the source file as raw bytes (``os.copy_file_range`` with a buffered fallback), never decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointFormatError
+from ..keymaps import TensorInfo
+from ._dtypes import ST_DTYPES, TORCH_TO_ST
+from .base import ROOT, Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SafetensorsCheckpoint", "Segment", "read_header", "write_safetensors"]
+
+MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+_COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+
+def read_header(path: Path) -> tuple[int, dict[str, _Entry], dict[str, str]]:
+    """Read and validate a safetensors header.
+
+    Returns:
+        ``(data_start, entries, metadata)``, offsets in ``entries`` absolute in the file.
+
+    Raises:
+        CheckpointFormatError: the header is cut short, not JSON, or describes tensors that do not fit.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointFormatError(f"{path} is not a valid safetensors file: shorter than its 8-byte header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise CheckpointFormatError(
+                f"{path} is not a valid safetensors file: header of {n} bytes does not fit in a {size}-byte file "
+                f"(truncated download?)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointFormatError(f"{path} is not a valid safetensors file: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path} is not a valid safetensors file: header is not a JSON object")
+    data_start = 8 + n
+    data_len = size - data_start
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings")
+    entries: dict[str, _Entry] = {}
+    for name, spec in header.items():
+        entries[name] = _validate_entry(path, name, spec, data_len, data_start)
+    spans = sorted((e.start, e.end, k) for k, e in entries.items() if e.end > e.start)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+        if start_b < end_a:
+            raise CheckpointFormatError(f"{path} is corrupt: tensors {a!r} and {b!r} overlap")
+    return data_start, entries, dict(meta)
+
+
+def _validate_entry(path: Path, name: str, spec: Any, data_len: int, data_start: int) -> _Entry:
+    try:
+        dtype, shape, (start, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+        shape = tuple(int(s) for s in shape)
+        start, end = int(start), int(end)
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointFormatError(f"{path} is corrupt: bad header entry for {name!r}") from None
+    if dtype not in ST_DTYPES:
+        raise CheckpointFormatError(f"{path}: tensor {name!r} has dtype {dtype!r}, which vitresize does not support")
+    numel = 1
+    for s in shape:
+        if s < 0:
+            raise CheckpointFormatError(f"{path} is corrupt: tensor {name!r} has a negative dimension")
+        numel *= s
+    if not 0 <= start <= end <= data_len:
+        raise CheckpointFormatError(
+            f"{path} is corrupt or truncated: tensor {name!r} lies at bytes {start}-{end} of a {data_len}-byte data section"
+        )
+    if end - start != numel * ST_DTYPES[dtype][1]:
+        raise CheckpointFormatError(
+            f"{path} is corrupt: tensor {name!r} ({dtype} {list(shape)}) needs {numel * ST_DTYPES[dtype][1]} bytes, "
+            f"header gives {end - start}"
+        )
+    return _Entry(dtype, shape, data_start + start, data_start + end)
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A ``.safetensors`` file: one flat state dict, read header-first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.format = "safetensors"
+        self.lazy = True
+        self.data_start, self.entries, self.metadata = read_header(path)
+        self.state_dicts = {
+            ROOT: {k: TensorInfo(e.shape, ST_DTYPES[e.dtype][0]) for k, e in self.entries.items()}
+        }
+        self.extras = []
+        self._mmap: mmap.mmap | None = None
+
+    def tensor(self, state_dict: str, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                return f.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
+
+    def mapped_tensor(self, key: str) -> torch.Tensor:
+        """A tensor backed by a private (copy-on-write) mapping of the file: no bytes are read until used."""
+        import torch
+
+        e = self.entries[key]
+        dtype = getattr(torch, ST_DTYPES[e.dtype][0])
+        if e.end == e.start:
+            return torch.empty(e.shape, dtype=dtype)
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.end - e.start, offset=e.start)
+        return flat.view(dtype).reshape(e.shape)
+
+    def close(self) -> None:
+        # A mapping still referenced by tensors cannot be closed; the GC releases it with them.
+        self._mmap = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One tensor of the output: its bytes come from ``copy_from`` (a source byte range) or ``tensor``."""
+
+    name: str
+    dtype: str  # torch name
+    shape: tuple[int, ...]
+    nbytes: int
+    copy_from: tuple[int, int] | None = None  # (source fd, offset)
+    tensor: Callable[[], torch.Tensor] | None = None
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the current position of ``dst_fd``."""
+    use_cfr = hasattr(os, "copy_file_range")
+    while length > 0:
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
+            except OSError:
+                use_cfr = False
+                continue
+            if n == 0:
+                raise CheckpointFormatError("source file ended early while copying (was it truncated?)")
+        else:
+            chunk = os.pread(src_fd, min(length, _COPY_CHUNK), offset)
+            if not chunk:
+                raise CheckpointFormatError("source file ended early while copying (was it truncated?)")
+            _write_all(dst_fd, memoryview(chunk))
+            n = len(chunk)
+        offset += n
+        length -= n
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _header_bytes(segments: list[Segment], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for s in segments:
+        if s.dtype not in TORCH_TO_ST:
+            raise CheckpointFormatError(
+                f"tensor {s.name!r} has dtype {s.dtype}, which safetensors cannot store; write a .pth instead"
+            )
+        header[s.name] = {"dtype": TORCH_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(dst: Path, segments: Iterable[Segment], metadata: dict[str, str]) -> int:
+    """Write a safetensors file from segments, in order, coalescing adjacent source byte ranges.
+
+    Returns:
+        The number of bytes written.
+    """
+    segs = list(segments)
+    head = _header_bytes(segs, metadata)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _write_all(fd, memoryview(head))
+        for run in _coalesce(segs):
+            if isinstance(run, tuple):
+                src_fd, offset, length = run
+                _copy_range(src_fd, fd, offset, length)
+            else:
+                data = tensor_bytes(run())
+                _write_all(fd, data)
+        return os.lseek(fd, 0, os.SEEK_CUR)
+    finally:
+        os.close(fd)
+
+
+def _coalesce(segs: list[Segment]) -> Iterator[tuple[int, int, int] | Callable[[], torch.Tensor]]:
+    """Yield ``(src_fd, offset, length)`` runs of adjacent source ranges, or tensor producers."""
+    run: list[int] | None = None  # [fd, offset, length]
+    for s in segs:
+        if s.copy_from is not None:
+            fd, off = s.copy_from
+            if run is not None and run[0] == fd and run[1] + run[2] == off:
+                run[2] += s.nbytes
+                continue
+            if run is not None:
+                yield (run[0], run[1], run[2])
+            run = [fd, off, s.nbytes]
+        else:
+            if run is not None:
+                yield (run[0], run[1], run[2])
+                run = None
+            assert s.tensor is not None
+            yield s.tensor
+    if run is not None:
+        yield (run[0], run[1], run[2])

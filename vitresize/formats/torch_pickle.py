@@ -1,0 +1,122 @@
+"""torch pickles (``.pth/.pt/.bin``): loaded with ``weights_only=True`` only, zip files memory-mapped.
+
+The allow-list is ``argparse.Namespace`` (training checkpoints carry ``args``), as timm allows; nothing
+else. A refused global is named in the error, and there is no unsafe fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..keymaps import TensorInfo
+from .base import ROOT, Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TorchCheckpoint", "iter_state_dicts", "load_container", "save_container"]
+
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+_MAX_DEPTH = 4
+
+
+def load_container(path: Path, *, mmap: bool) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with the allow-list and clear errors."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (global|operand)[^.\n]*", str(e))
+        what = found.group(0) if found else str(e).strip().splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: weights_only=True blocked it ({what}); vitresize never runs code from a "
+            f"checkpoint: re-save its state_dict (torch.save or safetensors) where you trust the file"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointFormatError(f"cannot read {path} as a torch checkpoint: {reason} (truncated or corrupt?)") from None
+
+
+def _is_state_dict(node: Mapping[Any, Any]) -> bool:
+    import torch
+
+    has_tensor = False
+    for k, v in node.items():
+        if not isinstance(k, str) or isinstance(v, Mapping):
+            return False
+        has_tensor = has_tensor or isinstance(v, torch.Tensor)
+    return has_tensor
+
+
+def iter_state_dicts(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], MutableMapping[str, Any]]]:
+    """Every model-like dict in a container: string keys, tensor values, no nested dicts."""
+    if not isinstance(obj, Mapping):
+        return
+    if _is_state_dict(obj):
+        yield path, obj  # type: ignore[misc]
+        return
+    if len(path) >= _MAX_DEPTH:
+        return
+    for k, v in obj.items():
+        if isinstance(k, str) and isinstance(v, Mapping):
+            yield from iter_state_dicts(v, (*path, k))
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class TorchCheckpoint(Checkpoint):
+    """A torch pickle. Zip files are memory-mapped (tensor bytes read on use); legacy pickles load whole."""
+
+    def __init__(self, path: Path, *, zip_format: bool) -> None:
+        import torch
+
+        self.path = path
+        self.format = "torch-zip" if zip_format else "torch-legacy"
+        self.lazy = zip_format
+        self.metadata = {}
+        self.container = load_container(path, mmap=zip_format)
+        self._sds: dict[str, MutableMapping[str, Any]] = {}
+        self.state_dicts = {}
+        for p, sd in iter_state_dicts(self.container):
+            name = "/".join(p) if p else ROOT
+            self._sds[name] = sd
+            self.state_dicts[name] = {
+                k: TensorInfo(tuple(v.shape), _dtype_name(v)) for k, v in sd.items() if isinstance(v, torch.Tensor)
+            }
+        self.extras = self._extras()
+
+    def _extras(self) -> list[str]:
+        if not isinstance(self.container, Mapping) or ROOT in self._sds:
+            return []
+        tops = {name.split("/")[0] for name in self._sds}
+        return [str(k) for k in self.container if str(k) not in tops]
+
+    def raw_state_dict(self, name: str) -> MutableMapping[str, Any]:
+        """The loaded dict itself (tensors mmap-backed for zip files); changes to it go into :func:`save_container`."""
+        return self._sds[name]
+
+    def tensor(self, state_dict: str, key: str) -> torch.Tensor:
+        t: torch.Tensor = self._sds[state_dict][key]
+        return t
+
+    def close(self) -> None:
+        self._sds = {}
+        self.container = None
+
+
+def save_container(obj: Any, dst: Path) -> None:
+    """``torch.save`` in the zip format."""
+    import torch
+
+    torch.save(obj, dst)

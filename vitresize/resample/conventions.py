@@ -1,0 +1,92 @@
+"""Interpolation conventions of the libraries whose resampling vitresize reproduces. Pure Python.
+
+Each method names the exact ``F.interpolate`` arguments a library uses for the position table (see
+ANCHORS.md section 4). ``native`` is resolved per family by the key maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import UsageError
+
+__all__ = [
+    "INTERPOLATIONS",
+    "METHODS",
+    "PATCH_METHODS",
+    "Convention",
+    "resolve_conventions",
+]
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "area")
+PATCH_METHODS = ("pi", "interp")
+_SMOOTH = ("bicubic", "bilinear")
+
+
+@dataclass(frozen=True)
+class Convention:
+    """The arguments of one ``F.interpolate`` call: mode, antialias, align_corners (``None`` = torch default)."""
+
+    interpolation: str = "bicubic"
+    antialias: bool = False
+    align_corners: bool | None = None
+
+    def describe(self) -> str:
+        parts = [self.interpolation]
+        if self.antialias:
+            parts.append("antialias")
+        if self.align_corners:
+            parts.append("align_corners")
+        return ", ".join(parts)
+
+
+METHODS: dict[str, Convention] = {
+    # timm checkpoint_filter_fn -> resample_abs_pos_embed (also open_clip, DINOv2-reg, HF DINOv2-reg)
+    "timm": Convention("bicubic", antialias=True, align_corners=None),
+    # torchvision.models.vision_transformer.interpolate_embeddings
+    "torchvision": Convention("bicubic", antialias=False, align_corners=True),
+    # DeiT / MAE / BEiT --finetune code and HF ViT interpolate_pos_encoding
+    "deit": Convention("bicubic", antialias=False, align_corners=False),
+}
+
+# The basis of the FlexiViT PI-resize as timm builds it (resample_patch_embed).
+PATCH_BASIS = Convention("bicubic", antialias=True, align_corners=False)
+
+
+def _override(base: Convention, interpolation: str | None, antialias: bool | None) -> Convention:
+    conv = base
+    if interpolation is not None:
+        if interpolation not in INTERPOLATIONS:
+            raise UsageError(f"--interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+        conv = replace(conv, interpolation=interpolation)
+    if antialias is not None:
+        conv = replace(conv, antialias=antialias)
+    if conv.interpolation not in _SMOOTH:
+        if antialias:
+            raise UsageError(f"--antialias works only with bicubic or bilinear, not {conv.interpolation}")
+        conv = replace(conv, antialias=False, align_corners=None)
+    return conv
+
+
+def resolve_conventions(
+    method: str,
+    *,
+    native: str,
+    interpolation: str | None = None,
+    antialias: bool | None = None,
+) -> tuple[str, Convention, Convention]:
+    """Resolve ``--method`` and the overrides into the conventions for the position table and the patch basis.
+
+    Args:
+        method: ``native`` or a key of :data:`METHODS`.
+        native: the method ``native`` stands for (the family's own library).
+        interpolation: ``--interpolation`` override, applied to both conventions.
+        antialias: ``--antialias/--no-antialias`` override, applied to both conventions.
+
+    Returns:
+        ``(method_name, pos_convention, patch_basis_convention)``; ``method_name`` is never ``native``.
+    """
+    name = native if method == "native" else method
+    if name not in METHODS:
+        raise UsageError(f"--method {method!r} is not one of native, {', '.join(METHODS)}")
+    return name, _override(METHODS[name], interpolation, antialias), _override(PATCH_BASIS, interpolation, antialias)

@@ -1,0 +1,156 @@
+"""Grid geometry: parse sizes, infer the source grid and prefix rows, resolve the target. Pure Python."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import GeometryError, UsageError
+
+Size = tuple[int, int]
+
+__all__ = ["Geometry", "Size", "format_size", "infer_source_grid", "parse_size", "resolve_target"]
+
+
+def parse_size(text: str | int | Size, *, option: str = "size") -> Size:
+    """Parse ``"384"``, ``"384x512"`` (height x width) or an int/pair into ``(h, w)``.
+
+    Raises:
+        UsageError: the text is not one or two positive integers.
+    """
+    if isinstance(text, int):
+        parts: list[int | str] = [text, text]
+    elif isinstance(text, tuple | list):
+        parts = list(text)
+    else:
+        raw = text.strip().lower().replace("×", "x").split("x")
+        parts = [p.strip() for p in raw]
+        if len(parts) == 1:
+            parts = parts * 2
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        h, w = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option} {text!r} is not a size; write N or HxW, e.g. 384 or 384x512") from None
+    if h <= 0 or w <= 0:
+        raise UsageError(f"{option} {text!r} must be positive")
+    return (h, w)
+
+
+def format_size(size: Size | None) -> str:
+    """``(14, 14)`` -> ``"14x14"``; ``None`` -> ``"?"``."""
+    return "?" if size is None else f"{size[0]}x{size[1]}"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A patch grid and the patch size that makes it; the image size is their product."""
+
+    grid: Size
+    patch: Size
+
+    @property
+    def img_size(self) -> Size:
+        return (self.grid[0] * self.patch[0], self.grid[1] * self.patch[1])
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def _divide(img: Size, patch: Size, option: str) -> Size:
+    if img[0] % patch[0] or img[1] % patch[1]:
+        ok = f"{img[0] // patch[0] * patch[0] or patch[0]}x{img[1] // patch[1] * patch[1] or patch[1]}"
+        raise UsageError(
+            f"{option} {format_size(img)} is not divisible by the patch size {format_size(patch)}; "
+            f"use a multiple of the patch (e.g. {ok}) or another --patch"
+        )
+    return (img[0] // patch[0], img[1] // patch[1])
+
+
+def infer_source_grid(
+    *,
+    num_rows: int,
+    prefix_candidates: tuple[int, ...],
+    patch: Size,
+    pos_key: str,
+    from_grid: Size | None = None,
+    from_img_size: Size | None = None,
+    hint: Size | None = None,
+) -> tuple[Size, int, str]:
+    """Find the source grid and the number of prefix rows of a position table.
+
+    Args:
+        num_rows: rows of the position table (prefix rows + patch tokens).
+        prefix_candidates: prefix-row counts the checkpoint's evidence allows, most likely first.
+        patch: the source patch size (from the kernel).
+        pos_key: the table's key, for messages.
+        from_grid: the source grid given by the user.
+        from_img_size: the source image size given by the user.
+        hint: a grid recorded in the file's metadata; used only when it explains the token count.
+
+    Returns:
+        ``(grid, prefix_rows, source)`` where ``source`` says where the grid came from.
+
+    Raises:
+        GeometryError: no candidate explains the token count, or a non-square grid would have to be guessed.
+        UsageError: both ``from_grid`` and ``from_img_size`` are given, or the image is not divisible by the patch.
+    """
+    if from_grid is not None and from_img_size is not None:
+        raise UsageError("give either --from-grid or --from-img-size, not both")
+    given: Size | None = None
+    source = ""
+    if from_grid is not None:
+        given, source = from_grid, "--from-grid"
+    elif from_img_size is not None:
+        given, source = _divide(from_img_size, patch, "--from-img-size"), "--from-img-size"
+    if given is not None:
+        for p in prefix_candidates:
+            if num_rows - p == given[0] * given[1]:
+                return given, p, source
+        rows = " or ".join(f"{given[0] * given[1] + p}" for p in prefix_candidates)
+        raise GeometryError(
+            f"{pos_key} has {num_rows} rows, but a {format_size(given)} grid ({source}) needs {rows} "
+            f"(patches + prefix rows); check {source}"
+        )
+    if hint is not None:
+        for p in prefix_candidates:
+            if num_rows - p == hint[0] * hint[1]:
+                return hint, p, "metadata"
+    for p in prefix_candidates:
+        n = num_rows - p
+        side = math.isqrt(n) if n > 0 else 0
+        if side > 0 and side * side == n:
+            return (side, side), p, "tokens"
+    prefixes = "/".join(str(p) for p in prefix_candidates)
+    raise GeometryError(
+        f"cannot infer the source grid of {pos_key}: {num_rows} rows minus {prefixes} prefix rows is not a "
+        f"square grid; pass --from-img-size HxW (or --from-grid HxW) to give the source geometry"
+    )
+
+
+def resolve_target(
+    source: Geometry,
+    *,
+    img_size: Size | None = None,
+    patch: Size | None = None,
+    grid: Size | None = None,
+) -> Geometry:
+    """The target geometry from the options: the new grid is ``img_size / patch``.
+
+    ``patch`` alone keeps the source image size; ``grid`` replaces ``img_size`` (and may go with ``patch``).
+
+    Raises:
+        UsageError: no target, ``grid`` with ``img_size``, or an image size not divisible by the patch.
+    """
+    if grid is not None and img_size is not None:
+        raise UsageError("give either --grid or --img-size, not both (the grid is img-size / patch)")
+    if img_size is None and patch is None and grid is None:
+        raise UsageError("no target given; pass --img-size, --patch or --grid")
+    new_patch = patch or source.patch
+    if grid is not None:
+        return Geometry(grid=grid, patch=new_patch)
+    if img_size is not None:
+        return Geometry(grid=_divide(img_size, new_patch, "--img-size"), patch=new_patch)
+    return Geometry(grid=_divide(source.img_size, new_patch, "the source image size"), patch=new_patch)

@@ -1,0 +1,74 @@
+"""Resample an absolute position table ``[1, prefix + H*W, D]`` to a new grid."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .conventions import Convention
+from .geometry import Size
+
+__all__ = ["resample_pos_embed"]
+
+
+def resample_pos_embed(
+    posemb: torch.Tensor,
+    *,
+    old_grid: Size,
+    new_grid: Size,
+    num_prefix_tokens: int,
+    convention: Convention,
+) -> torch.Tensor:
+    """Resample the grid rows of a position table, keeping the leading prefix rows bit-exact.
+
+    The grid rows are interpolated in float32 and cast back to the input dtype, exactly as
+    ``timm.layers.resample_abs_pos_embed`` does (same reshape order, same ``F.interpolate`` call), so the
+    result equals timm's (and, with the matching convention, torchvision's or DeiT's) bit for bit in fp32.
+    Unlike timm, the grid is never guessed and a non-square source is never skipped as a no-op.
+
+    Args:
+        posemb: ``[1, num_prefix_tokens + old_h * old_w, D]``.
+        old_grid: the source grid ``(h, w)``; rows are in row-major order (h outer).
+        new_grid: the target grid ``(h, w)``.
+        num_prefix_tokens: leading rows that are not part of the grid (class, distillation, register tokens).
+        convention: the interpolation mode, antialias and align_corners.
+
+    Returns:
+        ``[1, num_prefix_tokens + new_h * new_w, D]`` in the input dtype (the input itself when nothing changes).
+
+    Raises:
+        ValueError: the table's shape does not match ``old_grid`` and ``num_prefix_tokens``.
+
+    Example:
+        >>> import torch
+        >>> from vitresize.resample.conventions import METHODS
+        >>> pe = torch.zeros(1, 1 + 14 * 14, 8)
+        >>> resample_pos_embed(pe, old_grid=(14, 14), new_grid=(24, 24), num_prefix_tokens=1,
+        ...                    convention=METHODS["timm"]).shape
+        torch.Size([1, 577, 8])
+    """
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"expected a position table of shape [1, L, D], got {list(posemb.shape)}")
+    expected = num_prefix_tokens + old_grid[0] * old_grid[1]
+    if posemb.shape[1] != expected:
+        raise ValueError(
+            f"position table has {posemb.shape[1]} rows, expected {num_prefix_tokens} prefix + "
+            f"{old_grid[0]}x{old_grid[1]} grid = {expected}"
+        )
+    if tuple(old_grid) == tuple(new_grid):
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    dim = posemb.shape[-1]
+    orig_dtype = posemb.dtype
+    grid = grid.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid,
+        size=tuple(new_grid),
+        mode=convention.interpolation,
+        align_corners=convention.align_corners,
+        antialias=convention.antialias,
+    )
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(orig_dtype)
+    if num_prefix_tokens == 0:
+        return grid
+    return torch.cat([prefix, grid], dim=1)
