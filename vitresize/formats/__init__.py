@@ -61,13 +61,17 @@ def sniff(path: Path) -> str:
         raise CheckpointFormatError(f"{path} is empty (0 bytes); re-download or re-save it")
     if head.startswith(b"PK\x03\x04"):
         return _zip_kind(path)
-    if head[:1] == b"\x80":
-        return "torch-legacy"
+    # safetensors first: its 8-byte header length may start with 0x80, like a pickle.
     if len(head) == 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
         if 8 + n <= size:
             return "safetensors"
-        raise CheckpointFormatError(f"{path} is a truncated safetensors file: its header needs {8 + n} bytes, it has {size}")
+        if head[:1] != b"\x80":
+            raise CheckpointFormatError(
+                f"{path} is a truncated safetensors file: its header needs {8 + n} bytes, it has {size}"
+            )
+    if head[:1] == b"\x80":
+        return "torch-legacy"
     raise CheckpointFormatError(
         f"{path} is not a checkpoint vitresize can read (expected safetensors or a torch .pth/.pt/.bin)"
     )
