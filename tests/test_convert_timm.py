@@ -121,7 +121,9 @@ def test_deit_to_safetensors_says_what_is_left_out(run: Any, tmp_path: Path) -> 
     src = load_any(fixture("deit_distilled.pth"))
     assert torch.equal(load_any(dst)["head.weight"], src["model"]["head.weight"])
     dst2 = tmp_path / "ema.safetensors"
-    assert run("convert", fixture("deit_distilled.pth"), dst2, "--img-size", "48", "--select", "model_ema").exit_code == 0
+    assert (
+        run("convert", fixture("deit_distilled.pth"), dst2, "--img-size", "48", "--select", "model_ema").exit_code == 0
+    )
     assert torch.equal(load_any(dst2)["head.weight"], src["model_ema"]["head.weight"])
 
 
@@ -157,7 +159,9 @@ def test_interpolation_overrides(run: Any, tmp_path: Path) -> None:
     out = load_any(dst)
     want_pos = resample_abs_pos_embed(src["pos_embed"], [4, 4], [4, 4], num_prefix_tokens=1)
     assert torch.equal(out["pos_embed"], want_pos)  # 48 / 12 = 4: grid unchanged
-    want_patch = resample_patch_embed(src["patch_embed.proj.weight"], [12, 12], interpolation="bilinear", antialias=False)
+    want_patch = resample_patch_embed(
+        src["patch_embed.proj.weight"], [12, 12], interpolation="bilinear", antialias=False
+    )
     assert torch.equal(out["patch_embed.proj.weight"], want_patch)
 
 

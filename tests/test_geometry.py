@@ -103,7 +103,12 @@ def test_conventions() -> None:
     assert name == "torchvision" and pos == METHODS["torchvision"]
     assert basis.interpolation == "bicubic" and basis.antialias
     _, pos, basis = resolve_conventions("timm", native="timm", interpolation="bilinear", antialias=False)
-    assert (pos.interpolation, pos.antialias, basis.interpolation, basis.antialias) == ("bilinear", False, "bilinear", False)
+    assert (pos.interpolation, pos.antialias, basis.interpolation, basis.antialias) == (
+        "bilinear",
+        False,
+        "bilinear",
+        False,
+    )
     _, pos, _ = resolve_conventions("timm", native="timm", interpolation="nearest")
     assert not pos.antialias and pos.align_corners is None
     with pytest.raises(UsageError, match="antialias"):

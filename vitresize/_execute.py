@@ -31,8 +31,8 @@ def _select(plan: Plan, ckpt: Checkpoint, dst_format: str, select: str | None) -
     if dst_format == "torch":
         if select is not None:
             raise UsageError("--select only applies to a .safetensors output; a .pth keeps the whole container")
-        left = [f"safetensors metadata ({len(ckpt.metadata)} entries)"] if ckpt.metadata else []
-        return tuple(ckpt.state_dicts), left
+        meta = [f"safetensors metadata ({len(ckpt.metadata)} entries)"] if ckpt.metadata else []
+        return tuple(ckpt.state_dicts), meta
     if select is not None:
         if select not in ckpt.state_dicts:
             names = ", ".join(n or "(root)" for n in ckpt.state_dicts)
@@ -171,7 +171,10 @@ def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path) -> 
         raise CheckpointFormatError(f"cannot write {ckpt.format} input as .pth")
     save_container(container, tmp)
     # Re-read what was written (mmap: headers and shapes only) and check it against the plan.
-    got = {"/".join(p): {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")} for p, sd in iter_state_dicts(load_container(tmp, mmap=True))}
+    got = {
+        "/".join(p): {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+        for p, sd in iter_state_dicts(load_container(tmp, mmap=True))
+    }
     want = {
         name: {k: tuple(repl[(name, k)].shape) if (name, k) in repl else info.shape for k, info in infos.items()}
         for name, infos in ckpt.state_dicts.items()

@@ -157,7 +157,16 @@ def inspection(ins: Inspection) -> None:
     _out.print(_summary(rows))
     if ins.embeddings:
         table = Table(title="Position and patch embeddings", title_justify="left", header_style="bold")
-        for col in ("State dict", "Family", "Position table", "Prefix rows", "Grid", "Patch kernel", "Image", "Prefix tokens"):
+        for col in (
+            "State dict",
+            "Family",
+            "Position table",
+            "Prefix rows",
+            "Grid",
+            "Patch kernel",
+            "Image",
+            "Prefix tokens",
+        ):
             table.add_column(col, overflow="fold")
         for e in ins.embeddings:
             table.add_row(*_embedding_rows(e))

@@ -125,14 +125,17 @@ def _check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"--device {device} was requested but CUDA is not available to torch {torch.__version__}; use --device cpu"
+                f"--device {device} was requested but CUDA is not available to torch {torch.__version__}; "
+                "use --device cpu"
             )
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
-def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], pos: Convention, basis: Convention, patch_method: str) -> list[TensorChange]:
+def _changes(
+    m: ModelPlan, tensors: dict[str, TensorInfo], pos: Convention, basis: Convention, patch_method: str
+) -> list[TensorChange]:
     e, src, dst = m.embedding, m.source, m.target
     out = []
     if src.grid != dst.grid:
@@ -246,7 +249,9 @@ def plan(
         )
         warnings = list(dict.fromkeys(e.note for e in embeddings if e.note))
         if not changes:
-            warnings.append("nothing to resample: the target geometry equals the source; tensors are copied as they are")
+            warnings.append(
+                "nothing to resample: the target geometry equals the source; tensors are copied as they are"
+            )
         return Plan(
             src=Path(src),
             src_format=ckpt.format,

@@ -70,7 +70,8 @@ OUT = "Output"
 SrcArg = Annotated[Path, typer.Argument(help="Checkpoint to read (.pth/.pt/.bin or .safetensors).", show_default=False)]
 DstArg = Annotated[Path, typer.Argument(help="File to write; .safetensors or .pth/.pt/.bin.", show_default=False)]
 ImgSizeOpt = Annotated[
-    str | None, typer.Option("--img-size", help="New image size: N or HxW (grid = img-size / patch).", rich_help_panel=GEOM)
+    str | None,
+    typer.Option("--img-size", help="New image size: N or HxW (grid = img-size / patch).", rich_help_panel=GEOM),
 ]
 PatchOpt = Annotated[
     str | None,
@@ -107,17 +108,29 @@ AntialiasOpt = Annotated[
 PatchMethodOpt = Annotated[
     PatchMethod,
     typer.Option(
-        "--patch-method", help="Patch kernel: pi = FlexiViT pseudo-inverse resize; interp = plain interpolation.", rich_help_panel=CONV
+        "--patch-method",
+        help="Patch kernel: pi = FlexiViT pseudo-inverse resize; interp = plain interpolation.",
+        rich_help_panel=CONV,
     ),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where to resample: cpu, cuda or cuda:N.", rich_help_panel=CONV)]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where to resample: cpu, cuda or cuda:N.", rich_help_panel=CONV)
+]
 SelectOpt = Annotated[
     str | None,
-    typer.Option("--select", help="State dict of a container to write to .safetensors (default: the non-EMA model).", rich_help_panel=OUT),
+    typer.Option(
+        "--select",
+        help="State dict of a container to write to .safetensors (default: the non-EMA model).",
+        rich_help_panel=OUT,
+    ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite DST if it exists.", rich_help_panel=OUT)]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", "-n", help="Show what would change; write nothing.", rich_help_panel=OUT)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.", rich_help_panel=OUT)]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", "-n", help="Show what would change; write nothing.", rich_help_panel=OUT)
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.", rich_help_panel=OUT)
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.", rich_help_panel=OUT)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.", rich_help_panel=OUT)]
 
@@ -210,11 +223,14 @@ def convert(
                 _render.warning(w)
             _render.left_out(rep)
             if verbose and rep.plan.src_format == "torch-legacy":
-                _render.info("legacy (non-zip) torch pickle: it was loaded whole; re-save it with torch.save for lazy reads")
+                _render.info(
+                    "legacy (non-zip) torch pickle: it was loaded whole; re-save it with torch.save for lazy reads"
+                )
 
 
 @app.command(
-    epilog="Examples:\n\n  vitresize inspect vit_b16_224.pth\n\n  vitresize inspect model.safetensors --json\n\n" + EPILOG
+    epilog="Examples:\n\n  vitresize inspect vit_b16_224.pth\n\n  vitresize inspect model.safetensors --json\n\n"
+    + EPILOG
 )
 def inspect(
     src: SrcArg,

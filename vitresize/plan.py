@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,9 @@ class ModelPlan:
     def to_dict(self) -> dict[str, Any]:
         d = self.embedding.to_dict()
         d.update(
-            new_grid=_size(self.target.grid), new_patch=_size(self.target.patch), new_img_size=_size(self.target.img_size)
+            new_grid=_size(self.target.grid),
+            new_patch=_size(self.target.patch),
+            new_img_size=_size(self.target.img_size),
         )
         return d
 
@@ -142,7 +145,7 @@ class Plan:
     def passed_through(self) -> int:
         return self.num_tensors - len(self.changes)
 
-    def execute(self, dst: str | Path, *, force: bool = False, select: str | None = None) -> Report:
+    def execute(self, dst: str | os.PathLike[str], *, force: bool = False, select: str | None = None) -> Report:
         """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert`."""
         from ._execute import execute
 

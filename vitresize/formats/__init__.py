@@ -5,6 +5,7 @@ One module per format: ``safetensors``, ``torch_pickle``. Only this package touc
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -77,7 +78,7 @@ def sniff(path: Path) -> str:
     )
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint lazily, whatever its extension says."""
     p = Path(path)
     kind = sniff(p)

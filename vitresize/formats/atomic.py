@@ -44,10 +44,10 @@ def atomic_path(dst: Path, *, force: bool) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        tmp.chmod(0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, dst)
+        tmp.replace(dst)
         with contextlib.suppress(OSError):
             dir_fd = os.open(dst.parent, os.O_RDONLY)
             try:

@@ -12,7 +12,7 @@ from ..keymaps import TensorInfo
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Checkpoint", "ROOT"]
+__all__ = ["ROOT", "Checkpoint"]
 
 ROOT = ""
 """Name of the state dict when the file is a flat state dict (no container around it)."""

@@ -7,6 +7,7 @@ the source file as raw bytes (``os.copy_file_range`` with a buffered fallback), 
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -74,7 +75,7 @@ def read_header(path: Path) -> tuple[int, dict[str, _Entry], dict[str, str]]:
     for name, spec in header.items():
         entries[name] = _validate_entry(path, name, spec, data_len, data_start)
     spans = sorted((e.start, e.end, k) for k, e in entries.items() if e.end > e.start)
-    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+    for (_, end_a, a), (start_b, _, b) in itertools.pairwise(spans):
         if start_b < end_a:
             raise CheckpointFormatError(f"{path} is corrupt: tensors {a!r} and {b!r} overlap")
     return data_start, entries, dict(meta)
@@ -96,7 +97,8 @@ def _validate_entry(path: Path, name: str, spec: Any, data_len: int, data_start:
         numel *= s
     if not 0 <= start <= end <= data_len:
         raise CheckpointFormatError(
-            f"{path} is corrupt or truncated: tensor {name!r} lies at bytes {start}-{end} of a {data_len}-byte data section"
+            f"{path} is corrupt or truncated: tensor {name!r} lies at bytes {start}-{end} "
+            f"of a {data_len}-byte data section"
         )
     if end - start != numel * ST_DTYPES[dtype][1]:
         raise CheckpointFormatError(
@@ -114,9 +116,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self.format = "safetensors"
         self.lazy = True
         self.data_start, self.entries, self.metadata = read_header(path)
-        self.state_dicts = {
-            ROOT: {k: TensorInfo(e.shape, ST_DTYPES[e.dtype][0]) for k, e in self.entries.items()}
-        }
+        self.state_dicts = {ROOT: {k: TensorInfo(e.shape, ST_DTYPES[e.dtype][0]) for k, e in self.entries.items()}}
         self.extras = []
         self._mmap: mmap.mmap | None = None
 
@@ -125,7 +125,8 @@ class SafetensorsCheckpoint(Checkpoint):
 
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                return f.get_tensor(key)
+                t: torch.Tensor = f.get_tensor(key)
+                return t
         except SafetensorError as e:
             raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
 
@@ -193,7 +194,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     import torch
 
     t = t.detach().cpu().contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _header_bytes(segments: list[Segment], metadata: dict[str, str]) -> bytes:
@@ -206,7 +207,11 @@ def _header_bytes(segments: list[Segment], metadata: dict[str, str]) -> bytes:
             raise CheckpointFormatError(
                 f"tensor {s.name!r} has dtype {s.dtype}, which safetensors cannot store; write a .pth instead"
             )
-        header[s.name] = {"dtype": TORCH_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {
+            "dtype": TORCH_TO_ST[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + s.nbytes],
+        }
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

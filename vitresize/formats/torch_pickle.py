@@ -35,15 +35,25 @@ def load_container(path: Path, *, mmap: bool) -> Any:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (global|operand)[^.\n]*", str(e))
-        what = found.group(0) if found else str(e).strip().splitlines()[0]
+        what = _blocked(str(e))
         raise UnsafeCheckpointError(
             f"refused to load {path}: weights_only=True blocked it ({what}); vitresize never runs code from a "
             f"checkpoint: re-save its state_dict (torch.save or safetensors) where you trust the file"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f"cannot read {path} as a torch checkpoint: {reason} (truncated or corrupt?)") from None
+        raise CheckpointFormatError(
+            f"cannot read {path} as a torch checkpoint: {reason} (truncated or corrupt?)"
+        ) from None
+
+
+def _blocked(message: str) -> str:
+    """The line of torch's weights_only error that names what was blocked, without its advice."""
+    for line in message.splitlines():
+        if "unsupported" in line.lower():
+            line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+            return re.split(r"\.\s", line, maxsplit=1)[0].rstrip(".")
+    return message.strip().splitlines()[0] if message.strip() else "unsupported content"
 
 
 def _is_state_dict(node: Mapping[Any, Any]) -> bool:
@@ -57,7 +67,9 @@ def _is_state_dict(node: Mapping[Any, Any]) -> bool:
     return has_tensor
 
 
-def iter_state_dicts(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], MutableMapping[str, Any]]]:
+def iter_state_dicts(
+    obj: Any, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], MutableMapping[str, Any]]]:
     """Every model-like dict in a container: string keys, tensor values, no nested dicts."""
     if not isinstance(obj, Mapping):
         return

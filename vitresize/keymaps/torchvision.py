@@ -1,4 +1,7 @@
-"""torchvision ``VisionTransformer``: ``encoder.pos_embedding [1, 1 + H*W, D]``, ``conv_proj.weight``, ``class_token``."""
+"""torchvision ``VisionTransformer``.
+
+``encoder.pos_embedding [1, 1 + H*W, D]`` (class row first), ``conv_proj.weight``, ``class_token``.
+"""
 
 from .base import KeyMap
 

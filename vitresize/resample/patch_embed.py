@@ -57,17 +57,18 @@ def resample_patch_embed(
         return weight
     orig_dtype = weight.dtype
     if method == "interp":
-        out = F.interpolate(
+        interp = F.interpolate(
             weight.float(),
             size=tuple(new_size),
             mode=basis.interpolation,
             antialias=basis.antialias,
             align_corners=basis.align_corners,
         )
-        return out.to(orig_dtype)
+        return interp.to(orig_dtype)
     if method != "pi":
         raise ValueError(f"unknown patch method {method!r}; use 'pi' or 'interp'")
     pinv = torch.linalg.pinv(_resize_matrix(old_size, new_size, basis, weight.device))
     out_ch, in_ch = weight.shape[:2]
     flat = weight.reshape(out_ch, in_ch, -1).to(torch.float32)
-    return (flat @ pinv).reshape(out_ch, in_ch, new_size[0], new_size[1]).to(orig_dtype)
+    out: torch.Tensor = (flat @ pinv).reshape(out_ch, in_ch, new_size[0], new_size[1])
+    return out.to(orig_dtype)

@@ -1,0 +1,233 @@
+"""The command line: streams, exit codes, JSON, errors as one line, start-up without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, file_digest, fixture, leftovers
+
+import vitresize
+
+
+def _py(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+
+
+def test_help_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from vitresize.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'timm', 'safetensors', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = _py("-c", code)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("args", [["convert", "--help"], ["inspect", "--help"], ["--version"]])
+def test_usage_screens_do_not_import_torch(args: list[str]) -> None:
+    code = (
+        "import sys\nfrom vitresize.cli import app\n"
+        f"try:\n    app({args!r})\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    assert "TORCH False" in _py("-c", code).stdout
+
+
+def test_python_m_and_version() -> None:
+    out = _py("-m", "vitresize", "--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"vitresize {vitresize.__version__}"
+    out = _py("-m", "vitresize", "convert", "--help")
+    assert out.returncode == 0 and "--img-size" in out.stdout and "Exit codes" in out.stdout
+
+
+def test_console_script(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "vitresize"
+    res = subprocess.run(
+        [str(exe), "convert", str(fixture("timm_vit_cls.pth")), str(tmp_path / "o.safetensors"), "--img-size", "48"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+    assert res.returncode == 0, res.stderr
+    assert "pos_embed" in res.stdout and "[1, 17, 16]" in res.stdout and "[1, 37, 16]" in res.stdout
+
+
+def test_table_on_stdout_messages_on_stderr(run: Any, tmp_path: Path) -> None:
+    res = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", "--img-size", "96", "--patch", "12")
+    assert res.exit_code == 0
+    for text in ("pos_embed", "patch_embed.proj.weight", "PI-resize", "timm", "4x4 -> 8x8", "8x8 -> 12x12", "passed"):
+        assert text in res.stdout, text
+    assert res.stderr == ""
+
+
+def test_quiet(run: Any, tmp_path: Path) -> None:
+    res = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", "--img-size", "48", "-q")
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == ""
+
+
+def test_convert_json_schema(run: Any, tmp_path: Path) -> None:
+    res = run("convert", fixture("timm_vit_reg4.safetensors"), tmp_path / "o.safetensors", "--img-size", "48", "--json")
+    assert res.exit_code == 0
+    assert res.stdout.count("\n") == 1
+    rep = json.loads(res.stdout)
+    assert rep["schema"] == 1 and rep["command"] == "convert"
+    for key in (
+        "src", "src_format", "dst", "dst_format", "family", "method", "interpolation", "antialias", "align_corners",
+        "patch_method", "patch_basis", "device", "old_grid", "new_grid", "old_patch", "new_patch", "old_img_size",
+        "new_img_size", "state_dicts", "models", "changes", "tensors", "passed_through", "bytes_written",
+        "written_state_dicts", "left_out", "warnings", "dry_run",
+    ):  # fmt: skip
+        assert key in rep, key
+    assert rep["family"] == "timm" and rep["method"] == "timm" and rep["antialias"] is True
+    assert rep["old_grid"] == [4, 4] and rep["new_grid"] == [6, 6] and rep["new_img_size"] == [48, 48]
+    assert rep["models"][0]["pos_embed"]["prefix_rows"] == 5 and rep["models"][0]["variant"] == "cls+4 reg"
+    assert rep["changes"] == [
+        {
+            "state_dict": "",
+            "key": "pos_embed",
+            "old_shape": [1, 21, 16],
+            "new_shape": [1, 41, 16],
+            "dtype": "float32",
+            "op": "pos_embed",
+            "detail": "grid 4x4 -> 6x6, bicubic, antialias",
+        }
+    ]
+    assert rep["bytes_written"] == (tmp_path / "o.safetensors").stat().st_size
+
+
+def test_inspect_text_and_json(run: Any) -> None:
+    res = run("inspect", fixture("deit_distilled.pth"))
+    assert res.exit_code == 0
+    for text in (
+        "torch-zip",
+        "model_ema",
+        "optimizer",
+        "cls_token, dist_token",
+        "4x4",
+        "32x32",
+        "patch_embed.proj.weight",
+    ):
+        assert text in res.stdout, text
+    res = run("inspect", fixture("deit_distilled.pth"), "--json")
+    info = json.loads(res.stdout)
+    assert info["format"] == "torch-zip" and info["family"] == "timm"
+    assert [s["name"] for s in info["state_dicts"]] == ["model", "model_ema"]
+    assert info["extras"] == ["optimizer", "epoch", "args"]
+    m = info["models"][0]
+    assert m["pos_embed"] == {"key": "pos_embed", "shape": [1, 18, 16], "prefix_rows": 2}
+    assert m["patch_embed"] == {"key": "patch_embed.proj.weight", "shape": [16, 3, 8, 8]}
+    assert m["grid"] == [4, 4] and m["patch"] == [8, 8] and m["img_size"] == [32, 32]
+    assert m["prefix_tokens"] == ["cls_token", "dist_token"]
+    assert info["state_dicts"][0]["dtypes"] == {"float32": 23}
+    assert info["parameters"] == 2 * info["state_dicts"][0]["parameters"]
+
+
+def test_inspect_non_square_reports_instead_of_failing(run: Any) -> None:
+    res = run("inspect", fixture("timm_vit_32x48.safetensors"), "--json")
+    assert res.exit_code == 0
+    m = json.loads(res.stdout)["models"][0]
+    assert m["grid"] is None and "--from-img-size" in m["note"]
+    res = run("inspect", fixture("timm_vit_32x48.safetensors"), "--from-img-size", "32x48", "--json")
+    assert json.loads(res.stdout)["models"][0]["grid"] == [2, 3]
+
+
+def test_inspect_no_embed_class_and_gap(run: Any) -> None:
+    m = json.loads(run("inspect", fixture("timm_vit_no_embed_class.pth"), "--json").stdout)["models"][0]
+    assert m["pos_embed"]["prefix_rows"] == 0 and "no_embed_class" in m["variant"]
+    m = json.loads(run("inspect", fixture("timm_vit_gap.safetensors"), "--json").stdout)["models"][0]
+    assert m["pos_embed"]["prefix_rows"] == 0 and m["prefix_tokens"] == [] and m["grid"] == [4, 4]
+
+
+def _one_error_line(res: Any) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("Error: ") and "Traceback" not in res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("make_args", "code", "needle"),
+    [
+        (lambda d: ["convert", d / "missing.pth", d / "o.pth", "--img-size", "48"], 1, "does not exist"),
+        (lambda d: ["convert", fixture("resnet_no_vit.safetensors"), d / "o.pth", "--img-size", "48"], 1, "no ViT"),
+        (
+            lambda d: ["convert", fixture("timm_vit_32x48.safetensors"), d / "o.pth", "--img-size", "48"],
+            1,
+            "--from-img-size",
+        ),
+        (lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "o.pth", "--img-size", "50"], 2, "not divisible"),
+        (lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "o.pth"], 2, "--img-size, --patch or --grid"),
+        (lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "o.pth", "--img-size", "4x4x4"], 2, "HxW"),
+        (lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "o.txt", "--img-size", "48"], 2, ".safetensors"),
+        (
+            lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "o.pth", "--grid", "2x2", "--img-size", "48"],
+            2,
+            "--grid",
+        ),
+        (
+            lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "o.pth", "--patch", "8", "--select", "model"],
+            2,
+            "--select",
+        ),
+        (lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "nope" / "o.pth", "--img-size", "48"], 1, "create it"),
+        (
+            lambda d: ["convert", fixture("timm_vit_cls.pth"), d / "o.pth", "--img-size", "48", "--device", "tpu"],
+            2,
+            "cpu",
+        ),
+        (lambda d: ["inspect", d], 1, "is a folder"),
+        (lambda d: ["inspect", fixture("make_fixtures.py")], 1, "not a checkpoint"),
+    ],
+)
+def test_errors_are_one_line(run: Any, tmp_path: Path, make_args: Any, code: int, needle: str) -> None:
+    res = run(*make_args(tmp_path))
+    assert res.exit_code == code, res.stderr
+    assert needle in _one_error_line(res)
+    assert res.stdout == ""
+    assert [p for p in tmp_path.iterdir() if p.is_file()] == [] and leftovers(tmp_path) == []
+
+
+def test_cuda_absent_is_a_clear_error(run: Any, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    res = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.pth", "--img-size", "48", "--device", "cuda")
+    assert res.exit_code == 1 and "--device cpu" in _one_error_line(res)
+
+
+def test_empty_and_truncated_inputs(run: Any, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    assert "is empty" in _one_error_line(run("inspect", empty))
+    for name in ("timm_vit_cls.pth", "timm_vit_cls.safetensors", "timm_vit_legacy.pth"):
+        cut = tmp_path / f"cut_{name}"
+        data = fixture(name).read_bytes()
+        cut.write_bytes(data[: len(data) // 2])
+        before = file_digest(cut)
+        res = run("convert", cut, tmp_path / "o.safetensors", "--img-size", "48")
+        assert res.exit_code == 1, res.stderr
+        _one_error_line(res)
+        assert file_digest(cut) == before and not (tmp_path / "o.safetensors").exists()
+
+
+def test_debug_env_shows_traceback(run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITRESIZE_DEBUG", "1")
+    res = run("inspect", tmp_path / "missing.pth")
+    assert res.exit_code != 0 and isinstance(res.exception, vitresize.VitresizeError)
+
+
+def test_paths_with_markup_are_escaped(run: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "[exp1]"
+    folder.mkdir()
+    res = run("convert", fixture("timm_vit_cls.pth"), folder / "o.safetensors", "--img-size", "48")
+    assert res.exit_code == 0 and "[exp1]" in res.stdout
