@@ -86,7 +86,7 @@ def report(rep: Report, *, verbose: bool = False) -> None:
     m = plan.models[0]
     e = m.embedding
     rows = [
-        ("family", escape(f"{plan.family} ({e.variant}, {e.prefix_rows} prefix rows)")),
+        ("family", escape(f"{plan.family} ({e.variant}, {e.prefix_rows} prefix row{'' if e.prefix_rows == 1 else 's'})")),
         ("method", escape(f"{plan.method}: {plan.pos_convention.describe()}")),
         ("grid", f"{format_size(m.source.grid)} -> {format_size(m.target.grid)}"),
         ("patch", f"{format_size(m.source.patch)} -> {format_size(m.target.patch)}"),
