@@ -85,8 +85,9 @@ def report(rep: Report, *, verbose: bool = False) -> None:
         _out.print(table)
     m = plan.models[0]
     e = m.embedding
+    plural = "" if e.prefix_rows == 1 else "s"
     rows = [
-        ("family", escape(f"{plan.family} ({e.variant}, {e.prefix_rows} prefix row{'' if e.prefix_rows == 1 else 's'})")),
+        ("family", escape(f"{plan.family} ({e.variant}, {e.prefix_rows} prefix row{plural})")),
         ("method", escape(f"{plan.method}: {plan.pos_convention.describe()}")),
         ("grid", f"{format_size(m.source.grid)} -> {format_size(m.target.grid)}"),
         ("patch", f"{format_size(m.source.patch)} -> {format_size(m.target.patch)}"),
