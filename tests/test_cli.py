@@ -98,7 +98,7 @@ def test_convert_json_schema(run: Any, tmp_path: Path) -> None:
             "new_shape": [1, 41, 16],
             "dtype": "float32",
             "op": "pos_embed",
-            "detail": "grid 4x4 -> 6x6, bicubic, antialias",
+            "detail": "grid 4x4 -> 6x6",
         }
     ]
     assert rep["bytes_written"] == (tmp_path / "o.safetensors").stat().st_size

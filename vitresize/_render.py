@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -15,7 +16,8 @@ from .resample.geometry import format_size
 
 __all__ = ["error", "info", "inspection", "json_out", "left_out", "report", "warning"]
 
-_out = Console(highlight=False)
+# Piped output (CI logs) gets a wide console instead of rich's 80 columns, so keys and shapes never wrap.
+_out = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -72,7 +74,7 @@ def report(rep: Report, *, verbose: bool = False) -> None:
         table = Table(title="Tensors that change", title_justify="left", header_style="bold")
         if show_sd:
             table.add_column("State dict")
-        table.add_column("Key", overflow="fold")
+        table.add_column("Key", overflow="fold", min_width=min(40, max(len(c.key) for c in plan.changes)))
         table.add_column("Old shape")
         table.add_column("New shape")
         table.add_column("dtype")

@@ -13,7 +13,7 @@ from .errors import DeviceError, GeometryError, NoViTFoundError, UsageError
 from .formats import Checkpoint, open_checkpoint
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
 from .plan import Embedding, Inspection, ModelPlan, Plan, Report, StateDictSummary, TensorChange
-from .resample.conventions import PATCH_METHODS, Convention, resolve_conventions
+from .resample.conventions import PATCH_METHODS, resolve_conventions
 from .resample.geometry import Geometry, Size, format_size, infer_source_grid, parse_size, resolve_target
 
 __all__ = ["convert", "inspect", "plan"]
@@ -133,9 +133,7 @@ def _check_device(device: str) -> None:
             raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
-def _changes(
-    m: ModelPlan, tensors: dict[str, TensorInfo], pos: Convention, basis: Convention, patch_method: str
-) -> list[TensorChange]:
+def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) -> list[TensorChange]:
     e, src, dst = m.embedding, m.source, m.target
     out = []
     if src.grid != dst.grid:
@@ -148,11 +146,10 @@ def _changes(
                 new_shape=(e.pos_shape[0], new_rows, e.pos_shape[2]),
                 dtype=e.dtype,
                 op="pos_embed",
-                detail=f"grid {format_size(src.grid)} -> {format_size(dst.grid)}, {pos.describe()}",
+                detail=f"grid {format_size(src.grid)} -> {format_size(dst.grid)}",
             )
         )
     if src.patch != dst.patch:
-        basis_text = basis.describe() + (" basis" if patch_method == "pi" else "")
         out.append(
             TensorChange(
                 state_dict=e.state_dict,
@@ -162,7 +159,7 @@ def _changes(
                 dtype=tensors[e.patch_key].dtype,
                 op="patch_embed",
                 detail=f"patch {format_size(src.patch)} -> {format_size(dst.patch)}, "
-                f"{'PI-resize' if patch_method == 'pi' else 'interpolate'}, {basis_text}",
+                f"{'PI-resize' if patch_method == 'pi' else 'interpolated'}",
             )
         )
     return out
@@ -242,11 +239,7 @@ def plan(
             for e in embeddings
             if e.source is not None
         )
-        changes = tuple(
-            c
-            for m in models
-            for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], pos_conv, basis, patch_method)
-        )
+        changes = tuple(c for m in models for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], patch_method))
         warnings = list(dict.fromkeys(e.note for e in embeddings if e.note))
         if not changes:
             warnings.append(
