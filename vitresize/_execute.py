@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from .formats import Checkpoint
+    from .formats.safetensors import Segment
     from .plan import Plan, Report
 
 __all__ = ["dry_run_report", "execute"]
@@ -66,24 +67,23 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> dict[Key, torch.Tensor]:
     from .resample.patch_embed import resample_patch_embed
     from .resample.pos_embed import resample_pos_embed
 
+    owner = {(m.embedding.state_dict, k): m for m in plan.models for k in (m.embedding.pos_key, m.embedding.patch_key)}
     out: dict[Key, torch.Tensor] = {}
-    for m in plan.models:
+    for c in plan.changes:
+        m = owner[(c.state_dict, c.key)]
         e = m.embedding
-        for c in plan.changes:
-            if c.state_dict != e.state_dict or c.key not in (e.pos_key, e.patch_key):
-                continue
-            t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
-            if c.op == "pos_embed":
-                new = resample_pos_embed(
-                    t,
-                    old_grid=m.source.grid,
-                    new_grid=m.target.grid,
-                    num_prefix_tokens=e.prefix_rows,
-                    convention=plan.pos_convention,
-                )
-            else:
-                new = resample_patch_embed(t, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
-            out[(c.state_dict, c.key)] = new.cpu().contiguous()
+        t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
+        if c.op == "pos_embed":
+            new = resample_pos_embed(
+                t,
+                old_grid=m.source.grid,
+                new_grid=m.target.grid,
+                num_prefix_tokens=e.prefix_rows,
+                convention=plan.pos_convention,
+            )
+        else:
+            new = resample_patch_embed(t, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
+        out[(c.state_dict, c.key)] = new.cpu().contiguous()
     return out
 
 
@@ -138,7 +138,7 @@ def _write_safetensors(plan: Plan, ckpt: Checkpoint, name: str, repl: dict[Key, 
     return written
 
 
-def _tensor_segment(key: str, t: torch.Tensor) -> Any:
+def _tensor_segment(key: str, t: torch.Tensor) -> Segment:
     from .formats.safetensors import Segment
 
     dtype = str(t.dtype).removeprefix("torch.")
