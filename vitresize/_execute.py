@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._verify import Verification, verify_output
 from ._version import __version__
 from .errors import CheckpointFormatError, UsageError, VitresizeError
 from .formats import ROOT, output_format
@@ -63,16 +64,27 @@ def _raw_state_dict(ckpt: Checkpoint, name: str) -> Mapping[str, Any] | None:
     return ckpt.raw_state_dict(name) if isinstance(ckpt, TorchCheckpoint) else None
 
 
-def _resample(plan: Plan, ckpt: Checkpoint) -> dict[Key, torch.Tensor]:
+def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], list[str]]:
+    """The resampled tensors, and a warning for each input tensor holding NaN or Inf."""
+    import torch
+
     from .resample.patch_embed import resample_patch_embed
     from .resample.pos_embed import resample_pos_embed
 
     owner = {(m.embedding.state_dict, k): m for m in plan.models for k in (m.embedding.pos_key, m.embedding.patch_key)}
     out: dict[Key, torch.Tensor] = {}
+    warnings: list[str] = []
     for c in plan.changes:
         m = owner[(c.state_dict, c.key)]
         e = m.embedding
         t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
+        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        if bad:
+            name = f"{c.state_dict}/{c.key}" if c.state_dict else c.key
+            warnings.append(
+                f"{name} holds {bad} NaN/Inf value(s) of {t.numel()}; interpolation spreads them into "
+                f"neighbouring entries of the output (is the checkpoint corrupt?)"
+            )
         if c.op == "pos_embed":
             new = resample_pos_embed(
                 t,
@@ -84,7 +96,7 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> dict[Key, torch.Tensor]:
         else:
             new = resample_patch_embed(t, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
         out[(c.state_dict, c.key)] = new.cpu().contiguous()
-    return out
+    return out, warnings
 
 
 def _provenance(plan: Plan) -> dict[str, str]:
@@ -184,11 +196,22 @@ def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path) -> 
     return tmp.stat().st_size
 
 
-def _report(plan: Plan, dst: Path, fmt: str, dry: bool, written: int, sds: tuple[str, ...], left: list[str]) -> Report:
+def _report(
+    plan: Plan,
+    dst: Path,
+    fmt: str,
+    written: int,
+    sds: tuple[str, ...],
+    left: list[str],
+    *,
+    dry: bool = False,
+    warnings: list[str] | None = None,
+    verified: Verification | None = None,
+) -> Report:
     from .plan import Report
 
     assert plan.checkpoint is not None
-    warnings = list(plan.warnings)
+    warnings = [*plan.warnings, *(warnings or [])]
     if fmt == "torch" and "optimizer" in plan.checkpoint.extras and plan.changes:
         warnings.append(
             "the optimizer state is kept as it is, with moments of the old shapes; start a new optimizer "
@@ -206,6 +229,7 @@ def _report(plan: Plan, dst: Path, fmt: str, dry: bool, written: int, sds: tuple
         left_out=tuple(left),
         warnings=tuple(warnings),
         passed_through=tensors - changed,
+        verified=verified,
     )
 
 
@@ -215,10 +239,10 @@ def dry_run_report(plan: Plan, dst: Path, *, force: bool, select: str | None) ->
     fmt = output_format(dst)
     check_destination(dst, force=force)
     sds, left = _select(plan, plan.checkpoint, fmt, select)
-    return _report(plan, dst, fmt, True, 0, sds, left)
+    return _report(plan, dst, fmt, 0, sds, left, dry=True)
 
 
-def execute(plan: Plan, dst: Path, *, force: bool, select: str | None) -> Report:
+def execute(plan: Plan, dst: Path, *, force: bool, select: str | None, verify: bool = False) -> Report:
     """Resample, write ``dst`` atomically, check the output against the plan; see :func:`vitresize.convert`."""
     ckpt = plan.checkpoint
     if ckpt is None:
@@ -226,13 +250,16 @@ def execute(plan: Plan, dst: Path, *, force: bool, select: str | None) -> Report
     fmt = output_format(dst)
     check_destination(dst, force=force)
     sds, left = _select(plan, ckpt, fmt, select)
-    repl = _resample(plan, ckpt)
+    repl, warnings = _resample(plan, ckpt)
+    verified = None
     try:
         with atomic_path(dst, force=force) as tmp:
             if fmt == "safetensors":
                 written = _write_safetensors(plan, ckpt, sds[0], repl, tmp)
             else:
                 written = _write_torch(ckpt, repl, tmp)
+            if verify:
+                verified = verify_output(ckpt, tmp, fmt, sds, set(repl))
     except OSError as e:
         raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
-    return _report(plan, dst, fmt, False, written, sds, left)
+    return _report(plan, dst, fmt, written, sds, left, warnings=warnings, verified=verified)

@@ -106,6 +106,11 @@ def report(rep: Report, *, verbose: bool = False) -> None:
         rows.append(("dry run", f"nothing written (would write {dst} as {rep.dst_format})"))
     else:
         rows.append(("wrote", f"{dst} ({rep.dst_format}, {_bytes(rep.bytes_written)})"))
+    if rep.verified is not None:
+        v = rep.verified
+        rows.append(
+            ("verified", f"{v.tensors} pass-through tensors ({_bytes(v.bytes)}) identical to the input (SHA-256)")
+        )
     if verbose:
         rows.append(("source", escape(f"{plan.src} ({plan.src_format}); grid from {e.geometry_from}")))
         for other in plan.models[1:]:

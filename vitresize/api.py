@@ -5,6 +5,7 @@ Heavy imports (torch) happen only where tensors are touched, so importing vitres
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -271,6 +272,7 @@ def convert(
     force: bool = False,
     dry_run: bool = False,
     select: str | None = None,
+    verify: bool = False,
     img_size: SizeArg = None,
     patch: SizeArg = None,
     grid: SizeArg = None,
@@ -296,6 +298,8 @@ def convert(
         force: overwrite ``dst`` if it exists (``dst`` may be ``src``).
         dry_run: plan and validate only; nothing is read beyond headers, nothing is written.
         select: which state dict of a container goes into a ``.safetensors`` output (e.g. ``"model_ema"``).
+        verify: before the output is put in place, re-read every pass-through tensor from it and compare its
+            bytes (SHA-256) with the input; ``Report.verified`` says what was compared.
 
     Returns:
         A :class:`Report`.
@@ -323,7 +327,7 @@ def convert(
             from ._execute import dry_run_report
 
             return dry_run_report(p, Path(dst), force=force, select=select)
-        return p.execute(dst, force=force, select=select)
+        return p.execute(dst, force=force, select=select, verify=verify)
 
 
 def inspect(
@@ -349,13 +353,22 @@ def inspect(
         raise UsageError("give either --from-grid or --from-img-size, not both")
     with open_checkpoint(src) as ckpt:
         embeddings = _embeddings(ckpt, family, from_grid=src_grid, from_img_size=src_img, strict=False)
+        warnings = [] if embeddings else [f"no ViT position embedding of a supported family found in {src}"]
+        checked = []
+        for e in embeddings:
+            counts = {k: ckpt.count_nonfinite(e.state_dict, k) for k in (e.pos_key, e.patch_key)}
+            for k, n in counts.items():
+                if n:
+                    name = f"{e.state_dict}/{k}" if e.state_dict else k
+                    warnings.append(f"{name} holds {n} NaN/Inf value(s); resampling would spread them")
+            checked.append(dataclasses.replace(e, nonfinite=counts))
+        embeddings = checked
         summaries = []
         for name, tensors in ckpt.state_dicts.items():
             dtypes: dict[str, int] = {}
             for info in tensors.values():
                 dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
             summaries.append(StateDictSummary(name, len(tensors), sum(t.numel for t in tensors.values()), dtypes))
-        warnings = [] if embeddings else [f"no ViT position embedding of a supported family found in {src}"]
         return Inspection(
             path=Path(src),
             format=ckpt.format,

@@ -1,6 +1,7 @@
 """The ``vitresize`` command: parse options, call the API, hand the result to the renderer.
 
-Exit codes: 0 success (also dry run and no-op), 1 error, 2 usage error, 130 interrupted.
+Exit codes: 0 success (also dry run and no-op), 1 error, 2 usage error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM; SIGHUP gives 129).
 torch is imported only inside command bodies, so ``vitresize --help`` stays fast.
 """
 
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -22,7 +26,8 @@ from .errors import VitresizeError
 __all__ = ["app", "main"]
 
 EPILOG = (
-    "Exit codes: 0 success (also --dry-run and no-op), 1 error, 2 usage error, 130 interrupted. "
+    "Exit codes: 0 success (also --dry-run and no-op), 1 error, 2 usage error, 130 interrupted (Ctrl-C), "
+    "143 terminated (SIGTERM). "
     "Set VITRESIZE_DEBUG=1 to see tracebacks."
 )
 
@@ -131,6 +136,15 @@ DryRunOpt = Annotated[
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.", rich_help_panel=OUT)
 ]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Re-read every pass-through tensor of the output and compare its bytes with the input (SHA-256) "
+        "before the output is put in place.",
+        rich_help_panel=OUT,
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.", rich_help_panel=OUT)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.", rich_help_panel=OUT)]
 
@@ -150,25 +164,55 @@ def _main(
     """Move a pretrained Vision Transformer checkpoint to a new input resolution or patch size."""
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP turned into an exception, so ``finally`` blocks remove temp files as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP unwind the stack like Ctrl-C (default: die mid-write)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, _terminate) for s in caught}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Known errors: one ``Error:`` line and their exit code. Others keep their traceback (they are bugs)."""
     try:
-        yield
+        with _signals():
+            yield
     except VitresizeError as e:
         if os.environ.get("VITRESIZE_DEBUG"):
             raise
         _render.error(str(e))
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        _render.error("interrupted; nothing was written")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, _Terminated) else signal.SIGINT
+        _render.error(f"interrupted by {signal.Signals(signum).name}; no partial output was left behind")
+        raise typer.Exit(128 + signum) from None
 
 
 @app.command(
     epilog="Examples:\n\n"
     "  vitresize convert vit_b16_224.pth vit_b16_384.safetensors --img-size 384\n\n"
     "  vitresize convert deit.pth deit_p8.pth --patch 8 --dry-run\n\n"
+    "  vitresize convert vit.safetensors vit_384.safetensors --img-size 384 --verify --json\n\n"
     "  vitresize convert vit_32x48.safetensors out.safetensors --from-img-size 512x768 --img-size 384\n\n" + EPILOG
 )
 def convert(
@@ -188,6 +232,7 @@ def convert(
     select: SelectOpt = None,
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
+    verify: VerifyOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -202,6 +247,7 @@ def convert(
             force=force,
             dry_run=dry_run,
             select=select,
+            verify=verify,
             img_size=img_size,
             patch=patch,
             grid=grid,

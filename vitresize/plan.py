@@ -13,6 +13,7 @@ from .resample.conventions import Convention
 from .resample.geometry import Geometry, Size
 
 if TYPE_CHECKING:
+    from ._verify import Verification
     from .formats import Checkpoint
 
 __all__ = ["Embedding", "Inspection", "ModelPlan", "Plan", "Report", "StateDictSummary", "TensorChange"]
@@ -45,6 +46,8 @@ class Embedding:
     source: Geometry | None
     geometry_from: str
     note: str | None = None
+    nonfinite: dict[str, int] | None = None
+    """NaN/Inf counts of the position table and patch kernel (``inspect`` only; ``None`` = not read)."""
 
     def to_dict(self) -> dict[str, Any]:
         g = self.source
@@ -62,6 +65,7 @@ class Embedding:
             "img_size": _size(g.img_size) if g else None,
             "geometry_from": self.geometry_from,
             "note": self.note,
+            "nonfinite": self.nonfinite,
         }
 
 
@@ -145,11 +149,13 @@ class Plan:
     def passed_through(self) -> int:
         return self.num_tensors - len(self.changes)
 
-    def execute(self, dst: str | os.PathLike[str], *, force: bool = False, select: str | None = None) -> Report:
+    def execute(
+        self, dst: str | os.PathLike[str], *, force: bool = False, select: str | None = None, verify: bool = False
+    ) -> Report:
         """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert`."""
         from ._execute import execute
 
-        return execute(self, Path(dst), force=force, select=select)
+        return execute(self, Path(dst), force=force, select=select, verify=verify)
 
     def close(self) -> None:
         if self.checkpoint is not None:
@@ -206,6 +212,8 @@ class Report:
     warnings: tuple[str, ...]
     passed_through: int
     """Tensors written byte for byte (in the state dicts written)."""
+    verified: Verification | None = None
+    """With ``verify=True``: the pass-through tensors re-read from the output and found identical."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"schema": JSON_SCHEMA_VERSION, "command": "convert"}
@@ -219,6 +227,7 @@ class Report:
             passed_through=self.passed_through,
             left_out=list(self.left_out),
             warnings=list(self.warnings),
+            verified=self.verified.to_dict() if self.verified else None,
         )
         return d
 

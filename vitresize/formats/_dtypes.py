@@ -1,6 +1,8 @@
-"""dtype names: safetensors codes <-> torch's names (``"float32"``), with item sizes. Pure Python."""
+"""dtype names: safetensors codes <-> torch's names (``"float32"``), item sizes, NaN/Inf counting. Pure Python."""
 
 from __future__ import annotations
+
+import sys
 
 # safetensors code -> (torch dtype name, bytes per element)
 ST_DTYPES: dict[str, tuple[str, int]] = {
@@ -22,3 +24,23 @@ ST_DTYPES: dict[str, tuple[str, int]] = {
     "U64": ("uint64", 8),
 }
 TORCH_TO_ST: dict[str, str] = {name: code for code, (name, _) in ST_DTYPES.items()}
+
+# Floating dtypes: (memoryview format of an element, mask of the exponent bits). An element is NaN or
+# Inf exactly when all its exponent bits are set, so they can be counted from raw bytes without torch.
+_EXPONENT: dict[str, tuple[str, int]] = {
+    "F16": ("H", 0x7C00),
+    "BF16": ("H", 0x7F80),
+    "F32": ("I", 0x7F800000),
+    "F64": ("Q", 0x7FF0000000000000),
+}
+
+
+def count_nonfinite(raw: bytes, dtype: str) -> int:
+    """NaN and Inf elements in the little-endian bytes of a safetensors ``dtype`` (0 for non-float types)."""
+    if dtype not in _EXPONENT or not raw:
+        return 0
+    fmt, mask = _EXPONENT[dtype]
+    if sys.byteorder != "little":  # pragma: no cover - reversing all bytes reverses each element's
+        raw = bytes(reversed(raw))
+    view: memoryview[int] = memoryview(raw).cast(fmt)  # type: ignore[call-overload]
+    return sum(1 for x in view if x & mask == mask)

@@ -42,6 +42,13 @@ class Checkpoint(ABC):
     def tensor(self, state_dict: str, key: str) -> torch.Tensor:
         """Materialize one tensor on the CPU."""
 
+    def count_nonfinite(self, state_dict: str, key: str) -> int:
+        """NaN and Inf elements of one tensor (0 for integer dtypes)."""
+        import torch
+
+        t = self.tensor(state_dict, key)
+        return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles and mappings."""
 

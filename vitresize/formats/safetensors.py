@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError
 from ..keymaps import TensorInfo
-from ._dtypes import ST_DTYPES, TORCH_TO_ST
+from ._dtypes import ST_DTYPES, TORCH_TO_ST, count_nonfinite
 from .base import ROOT, Checkpoint
 
 if TYPE_CHECKING:
@@ -129,6 +129,13 @@ class SafetensorsCheckpoint(Checkpoint):
                 return t
         except SafetensorError as e:
             raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
+
+    def count_nonfinite(self, state_dict: str, key: str) -> int:
+        """Counted from the raw bytes, without torch (``inspect`` of a safetensors file never imports it)."""
+        e = self.entries[key]
+        with open(self.path, "rb") as f:
+            f.seek(e.start)
+            return count_nonfinite(f.read(e.end - e.start), e.dtype)
 
     def mapped_tensor(self, key: str) -> torch.Tensor:
         """A tensor backed by a private (copy-on-write) mapping of the file: no bytes are read until used."""

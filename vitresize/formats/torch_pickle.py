@@ -1,18 +1,20 @@
 """torch pickles (``.pth/.pt/.bin``): loaded with ``weights_only=True`` only, zip files memory-mapped.
 
-The allow-list is ``argparse.Namespace`` (training checkpoints carry ``args``), as timm allows; nothing
-else. A refused global is named in the error, and there is no unsafe fallback.
+The allow-list is ``argparse.Namespace`` (training checkpoints carry ``args``, as timm allows) and NumPy
+scalars (``best_acc1 = np.float64(...)``): types whose unpickling builds plain data and runs no code.
+Nothing else. A refused global is named in the error, and there is no unsafe fallback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import pickle
 import re
-import zipfile
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..keymaps import TensorInfo
@@ -23,8 +25,20 @@ if TYPE_CHECKING:
 
 __all__ = ["TorchCheckpoint", "iter_state_dicts", "load_container", "save_container"]
 
-SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 _MAX_DEPTH = 4
+
+
+def _safe_globals() -> list[Any]:
+    """``argparse.Namespace``, and NumPy's scalar constructor and ``dtype`` under both module names."""
+    allowed: list[Any] = [argparse.Namespace]
+    try:
+        import numpy as np
+        from numpy._core.multiarray import scalar  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:  # pragma: no cover - NumPy < 2, or no NumPy: nothing of it to allow
+        return allowed
+    allowed += [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar")]
+    allowed += [type(np.dtype(c)) for c in "?bhilqBHILQefdgFDG"]  # numpy.dtypes.Float64DType, ...
+    return allowed
 
 
 def load_container(path: Path, *, mmap: bool) -> Any:
@@ -32,24 +46,47 @@ def load_container(path: Path, *, mmap: bool) -> Any:
     import torch
 
     try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_safe_globals()), _loadable(path, mmap) as f:
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap and not hasattr(f, "read"))
     except pickle.UnpicklingError as e:
         what = _blocked(str(e))
         raise UnsafeCheckpointError(
             f"refused to load {path}: weights_only=True blocked it ({what}); vitresize never runs code from a "
             f"checkpoint: re-save its state_dict (torch.save or safetensors) where you trust the file"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except MemoryError:
+        raise CheckpointFormatError(
+            f"cannot read {path} as a torch checkpoint: it declares more data than fits in memory (corrupt?)"
+        ) from None
+    except Exception as e:  # any failure inside torch.load on a file is a bad file
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointFormatError(
             f"cannot read {path} as a torch checkpoint: {reason} (truncated or corrupt?)"
         ) from None
 
 
+@contextlib.contextmanager
+def _loadable(path: Path, mmap: bool) -> Iterator[Any]:
+    """What to give torch.load: the path, except for names ending ``.safetensors``, which torch.load hands
+    to safetensors whatever the content; those go by ``/proc/self/fd`` (keeps mmap) or as a file object."""
+    if not path.name.endswith(".safetensors"):
+        yield path
+    elif mmap and Path("/proc/self/fd").is_dir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
 def _blocked(message: str) -> str:
     """The line of torch's weights_only error that names what was blocked, without its advice."""
     for line in message.splitlines():
+        if "can only build" in line.lower() and "but got" in line:
+            return "unsupported type " + line.rsplit("but got", 1)[1].strip().rstrip(".")
         if "unsupported" in line.lower():
             line = line.strip().removeprefix("WeightsUnpickler error:").strip()
             return re.split(r"\.\s", line, maxsplit=1)[0].rstrip(".")
@@ -127,8 +164,38 @@ class TorchCheckpoint(Checkpoint):
         self.container = None
 
 
+class _Sink:
+    """A file wrapper that remembers the OS error of a failed write: torch.save reports a full disk only as
+    ``RuntimeError: unexpected pos``, and the caller needs the real ``ENOSPC``."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_container(obj: Any, dst: Path) -> None:
-    """``torch.save`` in the zip format."""
+    """``torch.save`` in the zip format.
+
+    Raises:
+        OSError: the write failed (disk full, I/O error), with its errno.
+    """
     import torch
 
-    torch.save(obj, dst)
+    with open(dst, "wb") as f:
+        sink = _Sink(f)
+        try:
+            torch.save(obj, sink)  # type: ignore[arg-type]
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise

@@ -1,0 +1,152 @@
+"""``--verify``: hash every pass-through tensor of the written file and of the input, and compare.
+
+Runs on the temp file before it is renamed into place, so a failed check leaves no output. Hashes are
+SHA-256 over each tensor's raw bytes, read in chunks: a safetensors file by byte range, a torch file
+through its (memory-mapped) tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import VitresizeError
+from .formats import ROOT
+
+if TYPE_CHECKING:
+    from .formats import Checkpoint
+
+__all__ = ["Verification", "verify_output"]
+
+_CHUNK = 8 * 1024 * 1024
+Path_ = tuple[Any, ...]  # keys from the container root down to a tensor
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What ``--verify`` compared: pass-through tensors found byte-identical to the input."""
+
+    tensors: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "bytes": self.bytes, "identical": True}
+
+
+@dataclass(frozen=True)
+class _Digest:
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    sha256: str
+
+
+def _hash_range(fd: int, start: int, end: int) -> str:
+    h = hashlib.sha256()
+    offset = start
+    while offset < end:
+        chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
+        if not chunk:
+            raise VitresizeError(f"verification failed: file ended at byte {offset}, expected {end}")
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
+def _safetensors_digests(path: Path, keys: set[str] | None) -> dict[Path_, _Digest]:
+    from .formats._dtypes import ST_DTYPES
+    from .formats.safetensors import read_header
+
+    _, entries, _ = read_header(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return {
+            (k,): _Digest(ST_DTYPES[e.dtype][0], e.shape, e.end - e.start, _hash_range(fd, e.start, e.end))
+            for k, e in entries.items()
+            if keys is None or k in keys
+        }
+    finally:
+        os.close(fd)
+
+
+def _walk(obj: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
+    """Every tensor in a container of dicts, lists and tuples, with its path."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _walk(v, (*path, k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, (*path, i))
+
+
+def _tensor_digest(t: Any) -> _Digest:
+    from .formats.safetensors import tensor_bytes
+
+    raw = tensor_bytes(t)
+    h = hashlib.sha256()
+    for i in range(0, len(raw), _CHUNK):
+        h.update(raw[i : i + _CHUNK])
+    return _Digest(str(t.dtype).removeprefix("torch."), tuple(t.shape), len(raw), h.hexdigest())
+
+
+def _torch_digests(obj: Any, keep: set[Path_] | None = None) -> dict[Path_, _Digest]:
+    return {p: _tensor_digest(t) for p, t in _walk(obj) if keep is None or p in keep}
+
+
+def _sd_path(name: str) -> Path_:
+    return tuple(name.split("/")) if name != ROOT else ()
+
+
+def verify_output(
+    ckpt: Checkpoint, out: Path, out_format: str, state_dicts: tuple[str, ...], changed: set[tuple[str, str]]
+) -> Verification:
+    """Compare every tensor of ``out`` that was not resampled with the same tensor of the input.
+
+    Raises:
+        VitresizeError: a tensor is missing, or its dtype, shape or bytes differ (a vitresize bug).
+    """
+    from .formats.safetensors import SafetensorsCheckpoint
+    from .formats.torch_pickle import TorchCheckpoint, load_container
+
+    # What the output should hold unchanged, as (path in the output) -> (path in the input).
+    if out_format == "safetensors":
+        sd = state_dicts[0]
+        expect = {(k,): (*_sd_path(sd), k) for k in ckpt.state_dicts[sd] if (sd, k) not in changed}
+        got = _safetensors_digests(out, {p[0] for p in expect})
+    else:
+        container = load_container(out, mmap=True)
+        changed_paths = {(*_sd_path(sd), k) for sd, k in changed}
+        got = {p: d for p, d in _torch_digests(container).items() if p not in changed_paths}
+        expect = {p: p for p in got}
+        if isinstance(ckpt, TorchCheckpoint):
+            expect |= {p: p for p, _ in _walk(ckpt.container) if p not in changed_paths}
+        else:
+            expect |= {(k,): (k,) for k in ckpt.state_dicts[ROOT] if (ROOT, k) not in changed}
+    if isinstance(ckpt, SafetensorsCheckpoint):
+        src = {p: d for p, d in _safetensors_digests(ckpt.path, None).items() if p in set(expect.values())}
+    elif isinstance(ckpt, TorchCheckpoint):
+        src = _torch_digests(ckpt.container, set(expect.values()))
+    else:  # pragma: no cover - every reader is one of the above
+        raise VitresizeError(f"--verify does not support {ckpt.format} input")
+    total = 0
+    for out_path, in_path in expect.items():
+        a, b = got.get(out_path), src.get(in_path)
+        name = "/".join(str(p) for p in in_path)
+        if a is None or b is None:
+            where = "output" if a is None else "input"
+            raise VitresizeError(f"verification failed: tensor {name!r} is missing from the {where} (a vitresize bug)")
+        if a != b:
+            raise VitresizeError(
+                f"verification failed: tensor {name!r} differs from the input "
+                f"({b.dtype} {list(b.shape)} -> {a.dtype} {list(a.shape)}); nothing was written (a vitresize bug)"
+            )
+        total += a.nbytes
+    return Verification(tensors=len(expect), bytes=total)
