@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := build/demo
+N      ?= 5000
+SEED   ?= 0
 
-.PHONY: install demo test lint format fixtures clean
+.PHONY: install demo test fuzz lint format fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,10 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# The long fuzz run: N mutated fixtures through inspect + convert --verify, in worker processes.
+fuzz: install
+	$(BIN)/python tests/fuzzing.py --cases $(N) --seed $(SEED)
 
 lint: install
 	$(BIN)/ruff check .

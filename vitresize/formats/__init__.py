@@ -28,8 +28,10 @@ def _zip_kind(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointFormatError(f"{path} looks like a zip archive but cannot be read: {e} (truncated?)") from None
+    except Exception as e:  # zipfile raises many kinds on garbage (BadZipFile, NotImplementedError, ...)
+        raise CheckpointFormatError(
+            f"{path} looks like a zip archive but cannot be read: {e or type(e).__name__} (truncated or corrupt?)"
+        ) from None
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UnsafeCheckpointError(
             f"{path} is a TorchScript archive, which cannot be loaded without running its code; in a trusted "

@@ -78,6 +78,14 @@ def read_header(path: Path) -> tuple[int, dict[str, _Entry], dict[str, str]]:
     for (_, end_a, a), (start_b, _, b) in itertools.pairwise(spans):
         if start_b < end_a:
             raise CheckpointFormatError(f"{path} is corrupt: tensors {a!r} and {b!r} overlap")
+        if start_b > end_a:
+            raise CheckpointFormatError(f"{path} is corrupt: {start_b - end_a} bytes between tensors {a!r} and {b!r}")
+    covered = (spans[-1][1] if spans else data_start) - data_start
+    if (spans and spans[0][0] != data_start) or covered != data_len:
+        raise CheckpointFormatError(
+            f"{path} is corrupt: its tensors cover {covered} of the {data_len} bytes after the header "
+            f"(bytes appended, or offsets edited?)"
+        )
     return data_start, entries, dict(meta)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -46,10 +47,15 @@ def load_container(path: Path, *, mmap: bool) -> Any:
     import torch
 
     try:
-        with torch.serialization.safe_globals(_safe_globals()), _loadable(path, mmap) as f:
+        with torch.serialization.safe_globals(_safe_globals()), _loadable(path, mmap) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about odd pickle protocols; the error says more
             return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap and not hasattr(f, "read"))
     except pickle.UnpicklingError as e:
         what = _blocked(str(e))
+        if what is None:
+            raise CheckpointFormatError(
+                f"cannot read {path} as a torch checkpoint: {_first_line(str(e))} (truncated or corrupt?)"
+            ) from None
         raise UnsafeCheckpointError(
             f"refused to load {path}: weights_only=True blocked it ({what}); vitresize never runs code from a "
             f"checkpoint: re-save its state_dict (torch.save or safetensors) where you trust the file"
@@ -59,10 +65,27 @@ def load_container(path: Path, *, mmap: bool) -> Any:
             f"cannot read {path} as a torch checkpoint: it declares more data than fits in memory (corrupt?)"
         ) from None
     except Exception as e:  # any failure inside torch.load on a file is a bad file
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = _first_line(str(e)) or type(e).__name__
         raise CheckpointFormatError(
             f"cannot read {path} as a torch checkpoint: {reason} (truncated or corrupt?)"
         ) from None
+
+
+def _first_line(message: str) -> str:
+    """The line of a torch error that says what went wrong, without its advice (at most 200 characters)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            line = line.removeprefix("WeightsUnpickler error:").strip()
+            if line:
+                return line[:200]
+    meaningful = [
+        ln for ln in lines if not ln.startswith(("Weights only load failed", "In PyTorch 2.6", "Please file"))
+    ]
+    line = (meaningful or lines or [""])[0]
+    for noise in (". This is an internal miniz error", "  (Could this error message be improved?"):
+        line = line.split(noise)[0]
+    return line[:200]
 
 
 @contextlib.contextmanager
@@ -82,15 +105,15 @@ def _loadable(path: Path, mmap: bool) -> Iterator[Any]:
             yield f
 
 
-def _blocked(message: str) -> str:
-    """The line of torch's weights_only error that names what was blocked, without its advice."""
+def _blocked(message: str) -> str | None:
+    """What weights_only refused to build (a global, a type), or ``None`` when the pickle is just broken."""
     for line in message.splitlines():
         if "can only build" in line.lower() and "but got" in line:
             return "unsupported type " + line.rsplit("but got", 1)[1].strip().rstrip(".")
-        if "unsupported" in line.lower():
+        if "unsupported global" in line.lower() or "is blocked" in line:
             line = line.strip().removeprefix("WeightsUnpickler error:").strip()
             return re.split(r"\.\s", line, maxsplit=1)[0].rstrip(".")
-    return message.strip().splitlines()[0] if message.strip() else "unsupported content"
+    return None
 
 
 def _is_state_dict(node: Mapping[Any, Any]) -> bool:
