@@ -374,6 +374,8 @@ def run_case(seed: int, case: int, workdir: Path) -> Outcome:
     else:
         if p := _check_refusal(res, "convert"):
             problems.append(p)
+        elif res.exit_code == 1 and str(src) not in res.stderr and str(dst) not in res.stderr:
+            problems.append(f"convert: the error does not name the file: {res.stderr.strip()!r}")
         if res.exit_code not in (1, 2):
             problems.append(f"convert: exit code {res.exit_code}")
         if dst.exists():

@@ -307,3 +307,38 @@ def test_content_beats_extension(run: Any, tmp_path: Path, name: str, wrong: str
     shutil.copy(fixture(name), src)
     res = run("convert", src, tmp_path / "o.safetensors", "--img-size", "48", "--verify")
     assert res.exit_code == 0, res.stderr
+
+
+def _broken_inputs(tmp: Path) -> dict[str, Path]:
+    cases = {"empty": b"", "folder": None}
+    for name in ("timm_vit_cls.safetensors", "timm_vit_cls.pth", "timm_vit_legacy.pth"):
+        data = fixture(name).read_bytes()
+        for cut in (1, 8, 9, 64, len(data) // 2, len(data) - 1):
+            cases[f"{name}[:{cut}]"] = data[:cut]
+    out = {}
+    for i, (label, data) in enumerate(cases.items()):
+        path = tmp / f"in{i}.pth"
+        if data is None:
+            path.mkdir()
+        else:
+            path.write_bytes(data)
+        out[label] = path
+    out["no ViT"] = fixture("resnet_no_vit.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_broken_inputs_get_one_error_line_naming_the_file(run: Any, tmp_path: Path, command: str) -> None:
+    for label, src in _broken_inputs(tmp_path).items():
+        if command == "inspect" and label == "no ViT":
+            continue  # inspect describes any checkpoint; it warns there is no ViT
+        before = file_digest(src) if src.is_file() else None
+        dst = tmp_path / "out" / "o.safetensors"
+        dst.parent.mkdir(exist_ok=True)
+        args = [command, src] + ([dst, "--img-size", "48"] if command == "convert" else [])
+        res = run(*args)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 1, (label, res.stderr)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and str(src) in lines[0], (label, lines)
+        assert not dst.exists() and list(dst.parent.iterdir()) == []
+        assert before is None or file_digest(src) == before

@@ -87,7 +87,7 @@ def _embeddings(
                     )
             except GeometryError as e:
                 if strict:
-                    raise
+                    raise GeometryError(f"{ckpt.path}: {e}") from None
                 note = str(e)
             out.append(
                 Embedding(

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["SafetensorsCheckpoint", "Segment", "read_header", "write_safetensors"]
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
-_COPY_CHUNK = 16 * 1024 * 1024
+_COPY_CHUNK = 16 * 1024 * 1024  # buffered fallback
+_COPY_CHUNK_CFR = 64 * 1024 * 1024  # copy_file_range: a signal is handled between chunks
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
     while length > 0:
         if use_cfr:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
+                n = os.copy_file_range(src_fd, dst_fd, min(length, _COPY_CHUNK_CFR), offset)
             except OSError:
                 use_cfr = False
                 continue
