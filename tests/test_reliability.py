@@ -43,14 +43,14 @@ def stall(fd_or_path):
         time.sleep(0.1)
 
 real_write_all = st._write_all
-def write_all(fd, data):
-    real_write_all(fd, data)
+def write_all(fd, data, *args, **kwargs):
+    real_write_all(fd, data, *args, **kwargs)
     stall(fd)
 st._write_all = write_all
 
 real_save = tp.save_container
-def save(obj, dst):
-    real_save(obj, dst)
+def save(obj, dst, *args, **kwargs):
+    real_save(obj, dst, *args, **kwargs)
     stall(str(dst))
 tp.save_container = save
 
@@ -139,7 +139,7 @@ def test_verify_catches_a_changed_pass_through_byte(
 
     def corrupting(*args: Any) -> int:
         n = real(*args)
-        tmp = args[-1]
+        tmp = next(a for a in args if isinstance(a, Path))
         if suffix == ".safetensors":
             from safetensors.torch import load_file, save_file
 

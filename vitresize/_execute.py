@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from .formats import Checkpoint
-    from .formats.safetensors import Segment
+    from .formats.safetensors import Progress, Segment
     from .plan import Plan, Report
 
 __all__ = ["dry_run_report", "execute"]
@@ -99,6 +99,30 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
     return out, warnings
 
 
+class _Resampled:
+    """The resampled tensors, computed on first call: a safetensors write starts copying before torch loads."""
+
+    def __init__(self, plan: Plan, ckpt: Checkpoint) -> None:
+        self.plan, self.ckpt = plan, ckpt
+        self.changes = {(c.state_dict, c.key): c for c in plan.changes}
+        self.warnings: list[str] = []
+        self._out: dict[Key, torch.Tensor] | None = None
+
+    def __call__(self) -> dict[Key, torch.Tensor]:
+        if self._out is None:
+            self._out, self.warnings = _resample(self.plan, self.ckpt)
+        return self._out
+
+    def get(self, key: Key) -> torch.Tensor:
+        """One resampled tensor, checked against the plan's shape and dtype."""
+        t, c = self()[key], self.changes[key]
+        if tuple(t.shape) != c.new_shape or str(t.dtype).removeprefix("torch.") != c.dtype:
+            raise VitresizeError(
+                f"internal check failed: {c.key} came out as {t.dtype} {list(t.shape)} (a vitresize bug)"
+            )
+        return t
+
+
 def _provenance(plan: Plan) -> dict[str, str]:
     m = plan.models[0]
     return {
@@ -115,35 +139,53 @@ def _provenance(plan: Plan) -> dict[str, str]:
     }
 
 
-def _write_safetensors(plan: Plan, ckpt: Checkpoint, name: str, repl: dict[Key, torch.Tensor], tmp: Path) -> int:
+def _write_safetensors(
+    plan: Plan, ckpt: Checkpoint, name: str, resampled: _Resampled, tmp: Path, progress: Progress | None
+) -> int:
+    from .formats._dtypes import ST_DTYPES, TORCH_TO_ST
     from .formats.safetensors import SafetensorsCheckpoint, Segment, read_header, write_safetensors
+    from .formats.torch_pickle import TorchCheckpoint
+
+    def planned(key: str) -> Segment:
+        c = resampled.changes[(name, key)]
+        numel = 1
+        for n in c.new_shape:
+            numel *= n
+        size = numel * ST_DTYPES[TORCH_TO_ST[c.dtype]][1]
+        return Segment(key, c.dtype, c.new_shape, size, tensor=lambda: resampled.get((name, key)))
 
     segments: list[Segment] = []
-    src_fd = -1
+    src_fd = os.open(ckpt.path, os.O_RDONLY)
     try:
         if isinstance(ckpt, SafetensorsCheckpoint):
-            src_fd = os.open(ckpt.path, os.O_RDONLY)
             for key, e in sorted(ckpt.entries.items(), key=lambda kv: kv[1].start):
                 info = ckpt.state_dicts[ROOT][key]
-                if (ROOT, key) in repl:
-                    segments.append(_tensor_segment(key, repl[(ROOT, key)]))
+                if (ROOT, key) in resampled.changes:
+                    segments.append(planned(key))
                 else:
                     segments.append(Segment(key, info.dtype, info.shape, e.end - e.start, copy_from=(src_fd, e.start)))
-        else:
+        elif isinstance(ckpt, TorchCheckpoint):
             import torch
 
-            for key, v in _raw_state_dict(ckpt, name).items():  # type: ignore[union-attr]
-                if isinstance(v, torch.Tensor):
-                    segments.append(_tensor_segment(key, repl.get((name, key), v)))
+            ranges = ckpt.file_ranges(name)
+            for key, v in ckpt.raw_state_dict(name).items():
+                if (name, key) in resampled.changes:
+                    segments.append(planned(key))
+                elif key in ranges:
+                    info = ckpt.state_dicts[name][key]
+                    segments.append(
+                        Segment(key, info.dtype, info.shape, ranges[key][1], copy_from=(src_fd, ranges[key][0]))
+                    )
+                elif isinstance(v, torch.Tensor):
+                    segments.append(_tensor_segment(key, v))
+        else:  # pragma: no cover - every reader is one of the above
+            raise CheckpointFormatError(f"cannot write {ckpt.format} input as .safetensors")
         metadata = {"format": "pt", **ckpt.metadata, **_provenance(plan)}
-        written = write_safetensors(tmp, segments, metadata)
+        written = write_safetensors(tmp, segments, metadata, progress)
     finally:
-        if src_fd >= 0:
-            os.close(src_fd)
+        os.close(src_fd)
     _, entries, _ = read_header(tmp)
     got = {k: (e.shape, e.dtype) for k, e in entries.items()}
-    from .formats._dtypes import TORCH_TO_ST
-
     want = {s.name: (s.shape, TORCH_TO_ST[s.dtype]) for s in segments}
     if got != want:
         raise VitresizeError(f"internal check failed: {tmp} does not hold the planned tensors (a vitresize bug)")
@@ -167,7 +209,7 @@ def _replace(node: Any, path: list[str], key: str, value: Any) -> Any:
     return new
 
 
-def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path) -> int:
+def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, progress: Progress | None) -> int:
     from .formats.safetensors import SafetensorsCheckpoint
     from .formats.torch_pickle import TorchCheckpoint, iter_state_dicts, load_container, save_container
 
@@ -181,7 +223,7 @@ def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path) -> 
         )
     else:  # pragma: no cover - every reader is one of the above
         raise CheckpointFormatError(f"cannot write {ckpt.format} input as .pth")
-    save_container(container, tmp)
+    save_container(container, tmp, progress, sources=(ckpt.path,))
     # Re-read what was written (mmap: headers and shapes only) and check it against the plan.
     got = {
         "/".join(p): {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
@@ -242,7 +284,15 @@ def dry_run_report(plan: Plan, dst: Path, *, force: bool, select: str | None) ->
     return _report(plan, dst, fmt, 0, sds, left, dry=True)
 
 
-def execute(plan: Plan, dst: Path, *, force: bool, select: str | None, verify: bool = False) -> Report:
+def execute(
+    plan: Plan,
+    dst: Path,
+    *,
+    force: bool,
+    select: str | None,
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> Report:
     """Resample, write ``dst`` atomically, check the output against the plan; see :func:`vitresize.convert`."""
     ckpt = plan.checkpoint
     if ckpt is None:
@@ -250,16 +300,17 @@ def execute(plan: Plan, dst: Path, *, force: bool, select: str | None, verify: b
     fmt = output_format(dst)
     check_destination(dst, force=force)
     sds, left = _select(plan, ckpt, fmt, select)
-    repl, warnings = _resample(plan, ckpt)
+    resampled = _Resampled(plan, ckpt)
     verified = None
     try:
         with atomic_path(dst, force=force) as tmp:
             if fmt == "safetensors":
-                written = _write_safetensors(plan, ckpt, sds[0], repl, tmp)
+                written = _write_safetensors(plan, ckpt, sds[0], resampled, tmp, progress)
             else:
-                written = _write_torch(ckpt, repl, tmp)
+                written = _write_torch(ckpt, resampled(), tmp, progress)
             if verify:
-                verified = verify_output(ckpt, tmp, fmt, sds, set(repl))
+                verified = verify_output(ckpt, tmp, fmt, sds, set(resampled.changes))
     except OSError as e:
         raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
-    return _report(plan, dst, fmt, written, sds, left, warnings=warnings, verified=verified)
+    resampled()  # a no-op unless nothing was written from it (e.g. only another state dict changed)
+    return _report(plan, dst, fmt, written, sds, left, warnings=resampled.warnings, verified=verified)

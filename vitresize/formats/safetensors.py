@@ -7,12 +7,14 @@ the source file as raw bytes (``os.copy_file_range`` with a buffered fallback), 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,20 +179,45 @@ class Segment:
     tensor: Callable[[], torch.Tensor] | None = None
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+Progress = Callable[[int], None]
+"""Called with the number of bytes just written (from the writer's threads: keep it cheap and thread-safe)."""
+
+
+def _write_all(fd: int, data: memoryview, offset: int, progress: Progress | None = None) -> None:
+    """``pwrite`` all of ``data`` at ``offset``."""
     while data:
-        n = os.write(fd, data)
+        n = os.pwrite(fd, data[:_COPY_CHUNK_CFR], offset)
         data = data[n:]
+        offset += n
+        if progress:
+            progress(n)
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the current position of ``dst_fd``."""
+class _Stop(Exception):
+    pass
+
+
+def _copy_range(
+    src_fd: int,
+    dst_fd: int,
+    offset: int,
+    length: int,
+    dst_offset: int,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to ``dst_offset`` of ``dst_fd``, in the kernel
+    (``copy_file_range``) where it can, else through a buffer; ``stop`` is checked between chunks."""
     use_cfr = hasattr(os, "copy_file_range")
     while length > 0:
+        if stop is not None and stop.is_set():
+            raise _Stop
         if use_cfr:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, min(length, _COPY_CHUNK_CFR), offset)
-            except OSError:
+                n = os.copy_file_range(src_fd, dst_fd, min(length, _COPY_CHUNK_CFR), offset, dst_offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                    raise  # ENOSPC, EIO: real failures, not "this file system cannot"
                 use_cfr = False
                 continue
             if n == 0:
@@ -199,10 +226,13 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
             chunk = os.pread(src_fd, min(length, _COPY_CHUNK), offset)
             if not chunk:
                 raise CheckpointFormatError("source file ended early while copying (was it truncated?)")
-            _write_all(dst_fd, memoryview(chunk))
+            _write_all(dst_fd, memoryview(chunk), dst_offset)
             n = len(chunk)
         offset += n
+        dst_offset += n
         length -= n
+        if progress:
+            progress(n)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -234,46 +264,67 @@ def _header_bytes(segments: list[Segment], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(dst: Path, segments: Iterable[Segment], metadata: dict[str, str]) -> int:
-    """Write a safetensors file from segments, in order, coalescing adjacent source byte ranges.
+def write_safetensors(
+    dst: Path, segments: Iterable[Segment], metadata: dict[str, str], progress: Progress | None = None
+) -> int:
+    """Write a safetensors file from segments, in order.
+
+    The layout follows from the segments' shapes alone, so every byte has a known place before any tensor
+    is computed: a background thread copies the source byte ranges (adjacent ones coalesced) to their
+    places while this thread produces the other tensors (importing torch, resampling) and writes them.
 
     Returns:
         The number of bytes written.
     """
     segs = list(segments)
     head = _header_bytes(segs, metadata)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        _write_all(fd, memoryview(head))
-        for run in _coalesce(segs):
-            if isinstance(run, tuple):
-                src_fd, offset, length = run
-                _copy_range(src_fd, fd, offset, length)
-            else:
-                data = tensor_bytes(run())
-                _write_all(fd, data)
-        return os.lseek(fd, 0, os.SEEK_CUR)
-    finally:
-        os.close(fd)
-
-
-def _coalesce(segs: list[Segment]) -> Iterator[tuple[int, int, int] | Callable[[], torch.Tensor]]:
-    """Yield ``(src_fd, offset, length)`` runs of adjacent source ranges, or tensor producers."""
-    run: list[int] | None = None  # [fd, offset, length]
+    copies: list[tuple[int, int, int, int]] = []  # (src_fd, offset, length, dst_offset)
+    produced: list[tuple[Segment, int]] = []
+    at = len(head)
     for s in segs:
         if s.copy_from is not None:
             fd, off = s.copy_from
-            if run is not None and run[0] == fd and run[1] + run[2] == off:
-                run[2] += s.nbytes
-                continue
-            if run is not None:
-                yield (run[0], run[1], run[2])
-            run = [fd, off, s.nbytes]
+            last = copies[-1] if copies else None
+            if last is not None and last[0] == fd and last[1] + last[2] == off and last[3] + last[2] == at:
+                copies[-1] = (fd, last[1], last[2] + s.nbytes, last[3])
+            else:
+                copies.append((fd, off, s.nbytes, at))
         else:
-            if run is not None:
-                yield (run[0], run[1], run[2])
-                run = None
+            produced.append((s, at))
+        at += s.nbytes
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def copy_all() -> None:
+        try:
+            for src_fd, off, length, dst_off in copies:
+                _copy_range(src_fd, fd, off, length, dst_off, stop, progress)
+        except _Stop:
+            pass
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
+    worker = threading.Thread(target=copy_all, name="vitresize-copy", daemon=True)
+    try:
+        _write_all(fd, memoryview(head), 0, progress)
+        worker.start()
+        for s, offset in produced:
             assert s.tensor is not None
-            yield s.tensor
-    if run is not None:
-        yield (run[0], run[1], run[2])
+            data = tensor_bytes(s.tensor())
+            if len(data) != s.nbytes:
+                raise CheckpointFormatError(
+                    f"internal error: tensor {s.name!r} has {len(data)} bytes, planned {s.nbytes} (a vitresize bug)"
+                )
+            _write_all(fd, data, offset, progress)
+            if failure:
+                break
+        worker.join()
+        if failure:
+            raise failure[0]
+        return at
+    finally:
+        stop.set()
+        if worker.is_alive():
+            worker.join()
+        os.close(fd)

@@ -12,8 +12,10 @@ import contextlib
 import os
 import pickle
 import re
+import struct
 import warnings
-from collections.abc import Iterator, Mapping, MutableMapping
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -167,6 +169,7 @@ class TorchCheckpoint(Checkpoint):
                 k: TensorInfo(tuple(v.shape), _dtype_name(v)) for k, v in sd.items() if isinstance(v, torch.Tensor)
             }
         self.extras = self._extras()
+        self._ranges: dict[int, tuple[int, int]] | None = None
 
     def _extras(self) -> list[str]:
         if not isinstance(self.container, Mapping) or ROOT in self._sds:
@@ -182,32 +185,113 @@ class TorchCheckpoint(Checkpoint):
         t: torch.Tensor = self._sds[state_dict][key]
         return t
 
+    def file_ranges(self, state_dict: str) -> dict[str, tuple[int, int]]:
+        """``key -> (file offset, length)`` of the tensors whose bytes lie as they are in the file.
+
+        A memory-mapped zip file holds each storage as a stored (uncompressed) member, and torch maps the
+        whole file once, so a storage's address minus the mapping's base is its member's file offset. With
+        these ranges the bytes are copied file to file (``copy_file_range``) without mapping them into this
+        process. Empty for legacy pickles, compressed members, or anything that does not add up.
+        """
+        if self._ranges is None:
+            self._ranges = _file_ranges(self.path, self.container) if self.lazy else {}
+        sd = self._sds.get(state_dict)
+        if sd is None:
+            return {}
+        return {k: self._ranges[id(v)] for k, v in sd.items() if id(v) in self._ranges}
+
     def close(self) -> None:
         self._sds = {}
+        self._ranges = None
         self.container = None
 
 
-class _Sink:
-    """A file wrapper that remembers the OS error of a failed write: torch.save reports a full disk only as
-    ``RuntimeError: unexpected pos``, and the caller needs the real ``ENOSPC``."""
+def _member_offsets(path: Path) -> set[int] | None:
+    """File offsets of the data of every ``*/data/*`` member, or None if any is compressed."""
+    offsets = set()
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            if "/data/" not in info.filename:
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            offsets.add(info.header_offset + 30 + name_len + extra_len)
+    return offsets
 
-    def __init__(self, f: BinaryIO) -> None:
+
+def _file_ranges(path: Path, container: Any) -> dict[int, tuple[int, int]]:
+    """``id(tensor) -> (file offset, length)`` for the contiguous tensors of a memory-mapped zip checkpoint."""
+    import torch
+
+    tensors = [v for _, sd in iter_state_dicts(container) for v in sd.values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr() for t in tensors if t.untyped_storage().nbytes() > 0}
+    try:
+        members = _member_offsets(path)
+    except (OSError, zipfile.BadZipFile, ValueError, struct.error):
+        return {}
+    if not storages or not members:
+        return {}
+    base = min(storages) - min(members)
+    if any(p - base not in members for p in storages):
+        return {}  # not the layout this relies on: copy through the tensors instead
+    out = {}
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if nbytes and t.is_contiguous() and t.untyped_storage().nbytes() > 0:
+            start = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+            out[id(t)] = (start, nbytes)
+    return out
+
+
+_RELEASE_EVERY = 256 * 1024 * 1024
+
+
+class _Sink:
+    """The file torch.save writes to. It remembers the OS error of a failed write (torch.save reports a full
+    disk only as ``RuntimeError: unexpected pos``), reports progress, and every 256 MiB gives back the pages
+    of the memory-mapped inputs that torch.save has read (``sources``), so peak RSS does not grow with them.
+    """
+
+    def __init__(self, f: BinaryIO, sources: tuple[Path, ...], progress: Callable[[int], None] | None) -> None:
         self.f = f
+        self.sources = sources
+        self.progress = progress
         self.error: OSError | None = None
+        self._since_release = 0
 
     def write(self, data: bytes) -> int:
         try:
-            return self.f.write(data)
+            n = self.f.write(data)
         except OSError as e:
             self.error = e
             raise
+        self._since_release += n
+        if self._since_release >= _RELEASE_EVERY:
+            self.release()
+        if self.progress:
+            self.progress(n)
+        return n
+
+    def release(self) -> None:
+        from ._pages import release
+
+        self._since_release = 0
+        for p in self.sources:
+            release(p)
 
     def flush(self) -> None:
         self.f.flush()
 
 
-def save_container(obj: Any, dst: Path) -> None:
-    """``torch.save`` in the zip format.
+def save_container(
+    obj: Any, dst: Path, progress: Callable[[int], None] | None = None, sources: tuple[Path, ...] = ()
+) -> None:
+    """``torch.save`` in the zip format, through :class:`_Sink`.
 
     Raises:
         OSError: the write failed (disk full, I/O error), with its errno.
@@ -215,10 +299,11 @@ def save_container(obj: Any, dst: Path) -> None:
     import torch
 
     with open(dst, "wb") as f:
-        sink = _Sink(f)
+        sink = _Sink(f, sources, progress)
         try:
             torch.save(obj, sink)  # type: ignore[arg-type]
         except RuntimeError:
             if sink.error is not None:
                 raise sink.error from None
             raise
+        sink.release()

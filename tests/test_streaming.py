@@ -1,0 +1,150 @@
+"""Streaming never changes results: outputs equal a plain load-everything / resample / save reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ROOT, digest, fixture, load_any
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+import vitresize
+from vitresize.formats.safetensors import tensor_bytes
+from vitresize.formats.torch_pickle import TorchCheckpoint
+
+SOURCES = ["timm_vit_cls.pth", "timm_vit_cls.safetensors", "deit_distilled.pth", "timm_vit_legacy.pth"]
+
+
+def _reference(sd: dict[str, Any], prefix_rows: int) -> OrderedDict[str, torch.Tensor]:
+    """What a user's script does: everything in memory, timm's functions, 4x4/8 -> 6x6/4 (img 24)."""
+    out = OrderedDict((k, v) for k, v in sd.items() if isinstance(v, torch.Tensor))
+    pos = out["pos_embed"].float()
+    out["pos_embed"] = resample_abs_pos_embed(pos, [6, 6], [4, 4], num_prefix_tokens=prefix_rows).to(
+        sd["pos_embed"].dtype
+    )
+    w = out["patch_embed.proj.weight"]
+    out["patch_embed.proj.weight"] = resample_patch_embed(w.float(), [4, 4]).to(w.dtype)
+    return out
+
+
+@pytest.mark.parametrize("name", SOURCES)
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_streamed_output_equals_load_everything_reference(tmp_path: Path, name: str, suffix: str) -> None:
+    src = load_any(fixture(name))
+    sd = src["model"] if "model" in src else src
+    want = _reference(sd, prefix_rows=2 if "dist_token" in sd else 1)
+    dst = tmp_path / f"o{suffix}"
+    vitresize.convert(fixture(name), dst, img_size=24, patch=4)
+    got = load_any(dst)
+    got = got["model"] if "model" in got else got
+    assert list(got) == list(want)
+    assert all(digest(got[k]) == digest(v) for k, v in want.items())
+    if suffix == ".safetensors":  # the reference writer's bytes, tensor for tensor
+        ref = tmp_path / "ref.safetensors"
+        save_file(want, str(ref))
+        assert all(digest(t) == digest(load_any(ref)[k]) for k, t in got.items())
+
+
+@pytest.mark.parametrize("name", ["deit_distilled.pth", "timm_vit_cls.pth", "timm_vit_ddp.pth"])
+def test_zip_pth_tensors_are_found_as_file_ranges(name: str) -> None:
+    """Every tensor of a zip .pth is copied file-to-file, and the ranges hold exactly its bytes."""
+    data = fixture(name).read_bytes()
+    ckpt = TorchCheckpoint(fixture(name), zip_format=True)
+    for sd, infos in ckpt.state_dicts.items():
+        ranges = ckpt.file_ranges(sd)
+        assert set(ranges) == set(infos)
+        for key, (offset, n) in ranges.items():
+            assert data[offset : offset + n] == bytes(tensor_bytes(ckpt.tensor(sd, key)))
+
+
+def test_legacy_pickles_have_no_file_ranges() -> None:
+    ckpt = TorchCheckpoint(fixture("timm_vit_legacy.pth"), zip_format=False)
+    assert ckpt.file_ranges("") == {}
+
+
+def test_views_and_shared_storage_are_copied_right(tmp_path: Path) -> None:
+    """Tensors that are views into one storage, or non-contiguous, still come out exactly."""
+    sd = load_any(fixture("timm_vit_cls.pth"))
+    big = torch.arange(64, dtype=torch.float32)
+    sd["extra.view"] = big[8:24]
+    sd["extra.strided"] = big.reshape(8, 8).t()
+    sd["extra.whole"] = big
+    src = tmp_path / "views.pth"
+    torch.save(sd, src)
+    for suffix in (".safetensors", ".pth"):
+        dst = tmp_path / f"o{suffix}"
+        vitresize.convert(src, dst, img_size=48, verify=True)
+        out = load_any(dst)
+        for k in ("extra.view", "extra.strided", "extra.whole"):
+            assert torch.equal(out[k], sd[k]), (suffix, k)
+
+
+def test_copy_falls_back_to_buffered_io(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Where copy_file_range is refused (other file systems), the buffered path gives the same file."""
+    import errno
+
+    dst_fast = tmp_path / "fast.safetensors"
+    vitresize.convert(fixture("timm_vit_reg4.safetensors"), dst_fast, img_size=48)
+
+    def refuse(*a: Any, **k: Any) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    dst_slow = tmp_path / "slow.safetensors"
+    vitresize.convert(fixture("timm_vit_reg4.safetensors"), dst_slow, img_size=48)
+    assert dst_fast.read_bytes() == dst_slow.read_bytes()
+
+
+def test_a_copy_error_is_not_mistaken_for_unsupported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import errno
+
+    def full(*a: Any, **k: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    dst = tmp_path / "o.safetensors"
+    with pytest.raises(vitresize.VitresizeError, match="No space left on device"):
+        vitresize.convert(fixture("timm_vit_reg4.safetensors"), dst, img_size=48)
+    assert not dst.exists()
+
+
+def test_page_release_drops_resident_pages(tmp_path: Path) -> None:
+    """After release(), a mapped file's pages no longer count in this process's RSS (Linux)."""
+    if not Path("/proc/self/smaps_rollup").exists():
+        pytest.skip("needs Linux /proc")
+    code = """
+import mmap, sys
+from pathlib import Path
+from vitresize.formats._pages import release
+
+def rss():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+
+path = Path(sys.argv[1])
+with open(path, "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+base = rss()
+total = sum(m[i] for i in range(0, len(m), 4096))  # touch every page
+touched = rss()
+release(path)
+print(touched - base, rss() - base)
+"""
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(64 * 1024 * 1024))
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    grown, after = (int(x) for x in res.stdout.split())
+    assert grown >= 60 and after <= 4, res.stdout

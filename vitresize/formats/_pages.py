@@ -1,0 +1,51 @@
+"""Give back the resident pages of a memory-mapped input, so reading a big file does not grow peak RSS.
+
+A private read-only use of a file mapping keeps every page it touched resident (and counted in RSS) until
+the mapping goes. ``MADV_DONTNEED`` drops them; the next access reads the file again. Linux only: a no-op
+elsewhere, or when /proc or libc are not there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+__all__ = ["release"]
+
+_MADV_DONTNEED = 4
+
+
+def _mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of ``path`` (matched by device and inode)."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) >= 5 and parts[4] == str(st.st_ino) and parts[3] == dev:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def release(path: Path) -> int:
+    """Drop the resident pages of every mapping of ``path``; returns the bytes of address space advised.
+
+    Only for mappings that are read, never written: a private page that was written would revert to the
+    file's content.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None or not Path("/proc/self/maps").exists():
+        return 0
+    libc = ctypes.CDLL(name, use_errno=True)
+    done = 0
+    for start, end in _mappings(path):
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
+            done += end - start
+    return done
