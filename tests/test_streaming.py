@@ -26,9 +26,8 @@ def _reference(sd: dict[str, Any], prefix_rows: int) -> OrderedDict[str, torch.T
     """What a user's script does: everything in memory, timm's functions, 4x4/8 -> 6x6/4 (img 24)."""
     out = OrderedDict((k, v) for k, v in sd.items() if isinstance(v, torch.Tensor))
     pos = out["pos_embed"].float()
-    out["pos_embed"] = resample_abs_pos_embed(pos, [6, 6], [4, 4], num_prefix_tokens=prefix_rows).to(
-        sd["pos_embed"].dtype
-    )
+    pos = resample_abs_pos_embed(pos, [6, 6], [4, 4], num_prefix_tokens=prefix_rows)
+    out["pos_embed"] = pos.to(sd["pos_embed"].dtype)
     w = out["patch_embed.proj.weight"]
     out["patch_embed.proj.weight"] = resample_patch_embed(w.float(), [4, 4]).to(w.dtype)
     return out
@@ -38,12 +37,12 @@ def _reference(sd: dict[str, Any], prefix_rows: int) -> OrderedDict[str, torch.T
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_streamed_output_equals_load_everything_reference(tmp_path: Path, name: str, suffix: str) -> None:
     src = load_any(fixture(name))
-    sd = src["model"] if "model" in src else src
+    sd = src.get("model", src)
     want = _reference(sd, prefix_rows=2 if "dist_token" in sd else 1)
     dst = tmp_path / f"o{suffix}"
     vitresize.convert(fixture(name), dst, img_size=24, patch=4)
     got = load_any(dst)
-    got = got["model"] if "model" in got else got
+    got = got.get("model", got)
     assert list(got) == list(want)
     assert all(digest(got[k]) == digest(v) for k, v in want.items())
     if suffix == ".safetensors":  # the reference writer's bytes, tensor for tensor

@@ -20,7 +20,7 @@ _MADV_DONTNEED = 4
 def _mappings(path: Path) -> list[tuple[int, int]]:
     """Address ranges of this process's mappings of ``path`` (matched by device and inode)."""
     try:
-        st = os.stat(path)
+        st = path.stat()
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return []

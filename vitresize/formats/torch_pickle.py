@@ -244,7 +244,7 @@ def _file_ranges(path: Path, container: Any) -> dict[int, tuple[int, int]]:
         nbytes = t.numel() * t.element_size()
         if nbytes and t.is_contiguous() and t.untyped_storage().nbytes() > 0:
             start = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
-            out[id(t)] = (start, nbytes)
+            out[id(t)] = (int(start), int(nbytes))
     return out
 
 
