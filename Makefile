@@ -7,7 +7,7 @@ DEMO   := build/demo
 N      ?= 5000
 SEED   ?= 0
 
-.PHONY: install demo test fuzz lint format fixtures clean
+.PHONY: install demo test fuzz bench bench-quick bench-huge lint format fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ test: install
 # The long fuzz run: N mutated fixtures through inspect + convert --verify, in worker processes.
 fuzz: install
 	$(BIN)/python tests/fuzzing.py --cases $(N) --seed $(SEED)
+
+# Speed and memory against cp / import torch / the timm route, same run (files under ~/.cache/vitresize-bench).
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+bench-quick: install
+	$(BIN)/python benchmarks/bench.py --quick
+
+# Scale check (not in CI): a sparse ViT-22B-sized (~87 GB) safetensors file, peak RSS must stay flat.
+bench-huge: install
+	$(BIN)/python benchmarks/bench.py --huge
 
 lint: install
 	$(BIN)/ruff check .

@@ -342,3 +342,19 @@ def test_broken_inputs_get_one_error_line_naming_the_file(run: Any, tmp_path: Pa
         assert len(lines) == 1 and lines[0].startswith("Error: ") and str(src) in lines[0], (label, lines)
         assert not dst.exists() and list(dst.parent.iterdir()) == []
         assert before is None or file_digest(src) == before
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_only_when_asked(monkeypatch: pytest.MonkeyPatch, run: Any, tmp_path: Path, fsync: bool) -> None:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    args = ["convert", fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", "--img-size", "48"]
+    res = run(*args, *(["--fsync"] if fsync else []))
+    assert res.exit_code == 0, res.stderr
+    assert (len(calls) >= 2) if fsync else not calls  # the file, then its folder

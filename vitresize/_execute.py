@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +15,7 @@ from ._verify import Verification, verify_output
 from ._version import __version__
 from .errors import CheckpointFormatError, UsageError, VitresizeError
 from .formats import ROOT, output_format
-from .formats.atomic import atomic_path, check_destination
+from .formats.atomic import atomic_path, check_destination, check_folder_destination
 from .resample.geometry import format_size
 
 if TYPE_CHECKING:
@@ -275,13 +277,38 @@ def _report(
     )
 
 
+def _destination(ckpt: Checkpoint, dst: Path, force: bool) -> str:
+    """The output format (``folder`` for a sharded input), with DST checked for it."""
+    from .formats.folder import ShardedCheckpoint
+
+    if isinstance(ckpt, ShardedCheckpoint):
+        check_folder_destination(dst, force=force)
+        return "folder"
+    fmt = output_format(dst)
+    check_destination(dst, force=force)
+    return fmt
+
+
 def dry_run_report(plan: Plan, dst: Path, *, force: bool, select: str | None) -> Report:
     """Validate the destination and the selection as :func:`execute` would, without reading or writing data."""
     assert plan.checkpoint is not None
-    fmt = output_format(dst)
-    check_destination(dst, force=force)
-    sds, left = _select(plan, plan.checkpoint, fmt, select)
+    fmt = _destination(plan.checkpoint, dst, force)
+    sds, left = ((ROOT,), []) if fmt == "folder" else _select(plan, plan.checkpoint, fmt, select)
     return _report(plan, dst, fmt, 0, sds, left, dry=True)
+
+
+def _ticker(progress: Callable[[int, int], None], total: int) -> Progress:
+    """Turn the writers' byte counts (from two threads) into ``progress(done, total)`` calls."""
+    lock = threading.Lock()
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        with lock:
+            done += n
+            progress(done, max(total, done))
+
+    return tick
 
 
 def execute(
@@ -291,26 +318,57 @@ def execute(
     force: bool,
     select: str | None,
     verify: bool = False,
-    progress: Progress | None = None,
+    fsync: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Resample, write ``dst`` atomically, check the output against the plan; see :func:`vitresize.convert`."""
     ckpt = plan.checkpoint
     if ckpt is None:
         raise ValueError("this plan has no open checkpoint (was it closed?)")
-    fmt = output_format(dst)
-    check_destination(dst, force=force)
-    sds, left = _select(plan, ckpt, fmt, select)
+    fmt = _destination(ckpt, dst, force)
     resampled = _Resampled(plan, ckpt)
+    if fmt == "folder":
+        return _execute_folder(plan, ckpt, resampled, dst, force=force, verify=verify, fsync=fsync, progress=progress)
+    sds, left = _select(plan, ckpt, fmt, select)
     verified = None
+    tick = _ticker(progress, ckpt.path.stat().st_size) if progress else None
     try:
-        with atomic_path(dst, force=force) as tmp:
+        with atomic_path(dst, force=force, fsync=fsync) as tmp:
             if fmt == "safetensors":
-                written = _write_safetensors(plan, ckpt, sds[0], resampled, tmp, progress)
+                written = _write_safetensors(plan, ckpt, sds[0], resampled, tmp, tick)
             else:
-                written = _write_torch(ckpt, resampled(), tmp, progress)
+                written = _write_torch(ckpt, resampled(), tmp, tick)
             if verify:
                 verified = verify_output(ckpt, tmp, fmt, sds, set(resampled.changes))
     except OSError as e:
         raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
     resampled()  # a no-op unless nothing was written from it (e.g. only another state dict changed)
     return _report(plan, dst, fmt, written, sds, left, warnings=resampled.warnings, verified=verified)
+
+
+def _execute_folder(
+    plan: Plan,
+    ckpt: Checkpoint,
+    resampled: _Resampled,
+    dst: Path,
+    *,
+    force: bool,
+    verify: bool,
+    fsync: bool,
+    progress: Callable[[int, int], None] | None,
+) -> Report:
+    from ._execute_folder import write_folder
+    from .formats.folder import ShardedCheckpoint
+
+    assert isinstance(ckpt, ShardedCheckpoint)
+    size = sum(s.path.stat().st_size for s in ckpt.shards.values())
+    tick = _ticker(progress, size) if progress else None
+    try:
+        written, rewritten, copied, verified = write_folder(
+            plan, ckpt, resampled, dst, force=force, verify=verify, fsync=fsync, progress=tick
+        )
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
+    resampled()
+    rep = _report(plan, dst, "folder", written, (ROOT,), [], warnings=resampled.warnings, verified=verified)
+    return dataclasses.replace(rep, rewritten=tuple(rewritten), copied=tuple(copied))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -14,7 +16,7 @@ from rich.table import Table
 from .plan import Embedding, Inspection, Report
 from .resample.geometry import format_size
 
-__all__ = ["error", "info", "inspection", "json_out", "left_out", "report", "warning"]
+__all__ = ["error", "info", "inspection", "json_out", "left_out", "progress", "report", "warning"]
 
 # Piped output (CI logs) gets a wide console instead of rich's 80 columns, so keys and shapes never wrap.
 _out = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
@@ -55,6 +57,38 @@ def warning(message: str) -> None:
 
 def info(message: str) -> None:
     _err.print(f"[dim]{escape(message)}[/]")
+
+
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def progress(size: int, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient progress bar on stderr for big inputs when stderr is a terminal; else ``None``."""
+    if not enabled or size < PROGRESS_MIN_BYTES or not _err.is_terminal:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        TextColumn("writing"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=_err,
+        transient=True,
+    )
+    task = bar.add_task("write", total=size)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _summary(rows: list[tuple[str, str]]) -> Table:
@@ -106,6 +140,14 @@ def report(rep: Report, *, verbose: bool = False) -> None:
         rows.append(("dry run", f"nothing written (would write {dst} as {rep.dst_format})"))
     else:
         rows.append(("wrote", f"{dst} ({rep.dst_format}, {_bytes(rep.bytes_written)})"))
+    if rep.dst_format == "folder" and not rep.dry_run:
+        rows.append(("rewritten", escape(", ".join(rep.rewritten))))
+        rows.append(
+            (
+                "copied",
+                escape(f"{len(rep.copied)} files as they are" + (f": {', '.join(rep.copied)}" if verbose else "")),
+            )
+        )
     if rep.verified is not None:
         v = rep.verified
         rows.append(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import DeviceError, GeometryError, NoViTFoundError, UsageError
@@ -273,6 +274,8 @@ def convert(
     dry_run: bool = False,
     select: str | None = None,
     verify: bool = False,
+    fsync: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     img_size: SizeArg = None,
     patch: SizeArg = None,
     grid: SizeArg = None,
@@ -300,6 +303,9 @@ def convert(
         select: which state dict of a container goes into a ``.safetensors`` output (e.g. ``"model_ema"``).
         verify: before the output is put in place, re-read every pass-through tensor from it and compare its
             bytes (SHA-256) with the input; ``Report.verified`` says what was compared.
+        fsync: flush the output to disk before returning (survives a power loss; costs about a copy's time).
+        progress: called as ``progress(bytes_done, bytes_total)`` while writing (from the writer's threads;
+            the total is an estimate, the input's size, until the end).
 
     Returns:
         A :class:`Report`.
@@ -327,7 +333,7 @@ def convert(
             from ._execute import dry_run_report
 
             return dry_run_report(p, Path(dst), force=force, select=select)
-        return p.execute(dst, force=force, select=select, verify=verify)
+        return p.execute(dst, force=force, select=select, verify=verify, fsync=fsync, progress=progress)
 
 
 def inspect(

@@ -145,6 +145,12 @@ VerifyOpt = Annotated[
         rich_help_panel=OUT,
     ),
 ]
+FsyncOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fsync", help="Flush DST to disk before exiting, so it survives a power loss (slower).", rich_help_panel=OUT
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.", rich_help_panel=OUT)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.", rich_help_panel=OUT)]
 
@@ -233,6 +239,7 @@ def convert(
     force: ForceOpt = False,
     dry_run: DryRunOpt = False,
     verify: VerifyOpt = False,
+    fsync: FsyncOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -241,25 +248,29 @@ def convert(
     with _errors():
         from . import api
 
-        rep = api.convert(
-            src,
-            dst,
-            force=force,
-            dry_run=dry_run,
-            select=select,
-            verify=verify,
-            img_size=img_size,
-            patch=patch,
-            grid=grid,
-            from_img_size=from_img_size,
-            from_grid=from_grid,
-            family=family.value,
-            method=method.value,
-            interpolation=interpolation.value if interpolation else None,
-            antialias=antialias,
-            patch_method=patch_method.value,
-            device=device,
-        )
+        size = src.stat().st_size if src.is_file() else 0
+        with _render.progress(size, enabled=not (json_ or quiet or dry_run)) as bar:
+            rep = api.convert(
+                src,
+                dst,
+                force=force,
+                dry_run=dry_run,
+                select=select,
+                verify=verify,
+                fsync=fsync,
+                progress=bar,
+                img_size=img_size,
+                patch=patch,
+                grid=grid,
+                from_img_size=from_img_size,
+                from_grid=from_grid,
+                family=family.value,
+                method=method.value,
+                interpolation=interpolation.value if interpolation else None,
+                antialias=antialias,
+                patch_method=patch_method.value,
+                device=device,
+            )
         if json_:
             _render.json_out(rep.to_dict())
         elif not quiet:

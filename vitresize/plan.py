@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,12 +151,19 @@ class Plan:
         return self.num_tensors - len(self.changes)
 
     def execute(
-        self, dst: str | os.PathLike[str], *, force: bool = False, select: str | None = None, verify: bool = False
+        self,
+        dst: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        select: str | None = None,
+        verify: bool = False,
+        fsync: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Report:
         """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert`."""
         from ._execute import execute
 
-        return execute(self, Path(dst), force=force, select=select, verify=verify)
+        return execute(self, Path(dst), force=force, select=select, verify=verify, fsync=fsync, progress=progress)
 
     def close(self) -> None:
         if self.checkpoint is not None:
@@ -214,6 +222,10 @@ class Report:
     """Tensors written byte for byte (in the state dicts written)."""
     verified: Verification | None = None
     """With ``verify=True``: the pass-through tensors re-read from the output and found identical."""
+    rewritten: tuple[str, ...] = ()
+    """Folder output: the files written anew (shards holding a changed tensor, the index)."""
+    copied: tuple[str, ...] = ()
+    """Folder output: the files copied as they are."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"schema": JSON_SCHEMA_VERSION, "command": "convert"}
@@ -228,6 +240,9 @@ class Report:
             left_out=list(self.left_out),
             warnings=list(self.warnings),
             verified=self.verified.to_dict() if self.verified else None,
+            files={"rewritten": list(self.rewritten), "copied": list(self.copied)}
+            if self.dst_format == "folder"
+            else None,
         )
         return d
 

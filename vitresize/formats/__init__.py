@@ -81,8 +81,12 @@ def sniff(path: Path) -> str:
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint lazily, whatever its extension says."""
+    """Open a checkpoint lazily, whatever its extension says (a folder: safetensors shards + index)."""
     p = Path(path)
+    if p.is_dir():
+        from .folder import ShardedCheckpoint
+
+        return ShardedCheckpoint(p)
     kind = sniff(p)
     if kind == "safetensors":
         from .safetensors import SafetensorsCheckpoint

@@ -208,13 +208,21 @@ def _copy_range(
 ) -> None:
     """Copy ``length`` bytes at ``offset`` of ``src_fd`` to ``dst_offset`` of ``dst_fd``, in the kernel
     (``copy_file_range``) where it can, else through a buffer; ``stop`` is checked between chunks."""
+    if offset + length > os.fstat(src_fd).st_size:
+        raise CheckpointFormatError("source file ended early while copying (was it truncated meanwhile?)")
     use_cfr = hasattr(os, "copy_file_range")
     while length > 0:
         if stop is not None and stop.is_set():
             raise _Stop
+        hole, run = _hole_at(src_fd, offset, length)
+        if hole:  # the output was sized up front: leave the hole a hole (sparse in, sparse out)
+            offset, dst_offset, length = offset + hole, dst_offset + hole, length - hole
+            if progress:
+                progress(hole)
+            continue
         if use_cfr:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, min(length, _COPY_CHUNK_CFR), offset, dst_offset)
+                n = os.copy_file_range(src_fd, dst_fd, min(run, _COPY_CHUNK_CFR), offset, dst_offset)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
                     raise  # ENOSPC, EIO: real failures, not "this file system cannot"
@@ -223,7 +231,7 @@ def _copy_range(
             if n == 0:
                 raise CheckpointFormatError("source file ended early while copying (was it truncated?)")
         else:
-            chunk = os.pread(src_fd, min(length, _COPY_CHUNK), offset)
+            chunk = os.pread(src_fd, min(run, _COPY_CHUNK), offset)
             if not chunk:
                 raise CheckpointFormatError("source file ended early while copying (was it truncated?)")
             _write_all(dst_fd, memoryview(chunk), dst_offset)
@@ -233,6 +241,20 @@ def _copy_range(
         length -= n
         if progress:
             progress(n)
+
+
+def _hole_at(fd: int, offset: int, length: int) -> tuple[int, int]:
+    """``(hole, data)``: bytes of hole from ``offset`` in a sparse file, else bytes of data up to the next hole
+    (each at most ``length``). A file without holes, or no SEEK_DATA, gives ``(0, length)``."""
+    if not hasattr(os, "SEEK_DATA"):
+        return 0, length
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+        if data > offset:
+            return min(data - offset, length), 0
+        return 0, min(os.lseek(fd, offset, os.SEEK_HOLE) - offset, length)
+    except OSError as e:
+        return (length, 0) if e.errno == errno.ENXIO else (0, length)  # ENXIO: only holes from here on
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -307,6 +329,7 @@ def write_safetensors(
 
     worker = threading.Thread(target=copy_all, name="vitresize-copy", daemon=True)
     try:
+        os.ftruncate(fd, at)  # sized up front: ranges land in any order, and source holes stay holes
         _write_all(fd, memoryview(head), 0, progress)
         worker.start()
         for s, offset in produced:

@@ -1,0 +1,311 @@
+"""``make bench``: vitresize against ``cp``, ``import torch`` and the timm route, measured in one run.
+
+Random-init checkpoints of ViT-B/16, ViT-L/16, ViT-H/14 and ViT-g/14 size (timm key names and shapes, fp32)
+are written once under ``$VITRESIZE_BENCH_DIR`` (default ``~/.cache/vitresize-bench``), as .safetensors and
+as zip .pth. Every command runs as its own process; wall time and that process's peak RSS (``wait4``) are
+taken, medians of ``--repeat`` runs, page cache warm. Ratios are against baselines of the same run:
+
+* wall / cp            -- conversion time over ``cp`` of the same file
+* RSS / file           -- peak RSS over the file size
+* RSS - torch          -- peak RSS minus that of ``python -c "import torch"``
+* vs timm              -- the timm route's wall and peak RSS over vitresize's (create_model at the new
+                          size, load, ``checkpoint_filter_fn``, ``load_state_dict``, ``save_file``)
+
+``python benchmarks/bench.py --quick`` measures ViT-B only (a CI smoke run); ``--huge`` is the scale check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+VITRESIZE = [PY, "-m", "vitresize"]
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    timm_name: str
+    dim: int
+    depth: int
+    mlp: int
+    patch: int
+
+
+MODELS = [
+    Model("ViT-B/16", "vit_base_patch16_224", 768, 12, 3072, 16),
+    Model("ViT-L/16", "vit_large_patch16_224", 1024, 24, 4096, 16),
+    Model("ViT-H/14", "vit_huge_patch14_224", 1280, 32, 5120, 14),
+    Model("ViT-g/14", "vit_giant_patch14_224", 1408, 40, 6144, 14),
+]
+HUGE = Model("ViT-22B/14", "vit_22b_patch14_224", 6144, 48, 24576, 14)
+
+
+def shapes(m: Model, img: int = 224) -> list[tuple[str, tuple[int, ...]]]:
+    """timm's VisionTransformer state dict (class token, 1000 classes), in its order."""
+    grid = img // m.patch
+    out: list[tuple[str, tuple[int, ...]]] = [
+        ("cls_token", (1, 1, m.dim)),
+        ("pos_embed", (1, 1 + grid * grid, m.dim)),
+        ("patch_embed.proj.weight", (m.dim, 3, m.patch, m.patch)),
+        ("patch_embed.proj.bias", (m.dim,)),
+    ]
+    for i in range(m.depth):
+        b = f"blocks.{i}."
+        out += [
+            (b + "norm1.weight", (m.dim,)),
+            (b + "norm1.bias", (m.dim,)),
+            (b + "attn.qkv.weight", (3 * m.dim, m.dim)),
+            (b + "attn.qkv.bias", (3 * m.dim,)),
+            (b + "attn.proj.weight", (m.dim, m.dim)),
+            (b + "attn.proj.bias", (m.dim,)),
+            (b + "norm2.weight", (m.dim,)),
+            (b + "norm2.bias", (m.dim,)),
+            (b + "mlp.fc1.weight", (m.mlp, m.dim)),
+            (b + "mlp.fc1.bias", (m.mlp,)),
+            (b + "mlp.fc2.weight", (m.dim, m.mlp)),
+            (b + "mlp.fc2.bias", (m.dim,)),
+        ]
+    out += [("norm.weight", (m.dim,)), ("norm.bias", (m.dim,)), ("head.weight", (1000, m.dim)), ("head.bias", (1000,))]
+    return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _header(entries: list[tuple[str, tuple[int, ...]]]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        n = _numel(shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def make_checkpoints(m: Model, folder: Path) -> tuple[Path, Path]:
+    """``(model.safetensors, model.pth)``, made once, in a child process: this one stays small, because a
+    child's peak RSS starts from its parent's size at fork."""
+    stem = m.timm_name
+    st, pth = folder / f"{stem}.safetensors", folder / f"{stem}.pth"
+    entries = shapes(m)
+    if (
+        st.exists()
+        and pth.exists()
+        and st.stat().st_size == len(_header(entries)) + 4 * sum(_numel(s) for _, s in entries)
+    ):
+        return st, pth
+    print(f"  writing {m.name} checkpoints to {folder} (once)", flush=True)
+    subprocess.run([PY, __file__, "--make", m.name, "--dir", str(folder)], check=True)
+    return st, pth
+
+
+def _write_checkpoints(m: Model, folder: Path) -> None:
+    import torch
+
+    st, pth = folder / f"{m.timm_name}.safetensors", folder / f"{m.timm_name}.pth"
+    entries = shapes(m)
+    gen = torch.Generator().manual_seed(0)
+    sd = {name: torch.empty(shape).uniform_(-0.05, 0.05, generator=gen) for name, shape in entries}
+    with open(st, "wb") as f:
+        f.write(_header(entries))
+        for name, _ in entries:
+            f.write(sd[name].numpy().tobytes())
+    torch.save(sd, pth)
+
+
+@dataclass
+class Run:
+    wall: float
+    rss: int  # bytes
+
+
+def measure(cmd: list[str], repeat: int, env: dict[str, str] | None = None) -> Run:
+    """Median wall time and median peak RSS of ``cmd`` run ``repeat`` times as a child process."""
+    walls, rsss = [], []
+    for _ in range(repeat):
+        with tempfile.TemporaryFile() as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+            walls.append(time.perf_counter() - t0)
+            proc.returncode = code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                err.seek(0)
+                raise SystemExit(f"benchmark command failed ({code}): {' '.join(cmd)}\n{err.read().decode()}")
+        rsss.append(usage.ru_maxrss * 1024)  # kB on Linux
+    return Run(statistics.median(walls), int(statistics.median(rsss)))
+
+
+TIMM_ROUTE = """
+import sys, torch, timm
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
+src, dst, name, img = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+model = timm.create_model(name, pretrained=False, img_size=img, num_classes=1000)
+sd = load_file(src) if src.endswith(".safetensors") else torch.load(src, map_location="cpu", weights_only=True)
+sd = checkpoint_filter_fn(sd, model)
+model.load_state_dict(sd)
+save_file(model.state_dict(), dst)
+"""
+
+
+def _fmt_row(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+
+def bench(models: list[Model], folder: Path, repeat: int, timm_repeat: int) -> list[list[str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix="vitresize-bench-out-", dir=folder))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        torch_base = measure([PY, "-c", "import torch"], repeat)
+        timm_base = measure([PY, "-c", "import torch, timm"], repeat)
+        help_run = measure([*VITRESIZE, "--help"], repeat, env)
+        print(
+            f"baselines: python -c 'import torch' {torch_base.wall:.2f} s, {torch_base.rss / MIB:.0f} MiB; "
+            f"'import torch, timm' {timm_base.wall:.2f} s, {timm_base.rss / MIB:.0f} MiB; "
+            f"vitresize --help {help_run.wall:.2f} s ({help_run.wall / torch_base.wall:.2f}x import torch), "
+            f"{help_run.rss / MIB:.0f} MiB",
+            flush=True,
+        )
+        rows = []
+        for m in models:
+            st, pth = make_checkpoints(m, folder)
+            half = m.patch // 2
+            for src in (st, pth):
+                size = src.stat().st_size
+                dst = out_dir / "out.safetensors"
+                shutil.copyfile(src, out_dir / "warm")  # warm the page cache
+                cp = measure(["cp", str(src), str(out_dir / "copy")], repeat)
+                fmt = "safetensors" if src.suffix == ".safetensors" else "zip .pth"
+                timm_run = measure([PY, "-c", TIMM_ROUTE, str(src), str(dst), m.timm_name, "384"], timm_repeat, env)
+                for op, args in (
+                    ("224->384", ["--img-size", "384"]),
+                    (f"patch {m.patch}->{half}", ["--patch", str(half)]),
+                ):
+                    run = measure([*VITRESIZE, "convert", str(src), str(dst), *args, "--force", "-q"], repeat, env)
+                    rows.append(
+                        [
+                            m.name,
+                            fmt,
+                            f"{size / 1e9:.2f} GB",
+                            op,
+                            f"{run.wall:.2f} s",
+                            f"{run.wall / cp.wall:.2f}",
+                            f"{run.rss / MIB:.0f} MiB",
+                            f"{run.rss / size:.2f}",
+                            f"{(run.rss - torch_base.rss) / MIB:+.0f} MiB",
+                            f"{cp.wall:.2f} s",
+                            f"{timm_run.wall:.1f} s / {timm_run.rss / MIB:.0f} MiB" if op == "224->384" else "",
+                            f"{timm_run.wall / run.wall:.1f}x / {timm_run.rss / run.rss:.1f}x"
+                            if op == "224->384"
+                            else "",
+                        ]
+                    )
+                    print(_fmt_row(rows[-1], [9, 11, 8, 14, 8, 7, 9, 8, 10, 7, 20, 12]), flush=True)
+                for p in out_dir.iterdir():
+                    p.unlink()
+        return rows
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def huge(folder: Path) -> None:
+    """A ViT-22B-sized safetensors file (~87 GB fp32), sparse: header and the two resampled tensors real."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = shapes(HUGE)
+    head = _header(entries)
+    total = len(head) + 4 * sum(_numel(s) for _, s in entries)
+    src = folder / "vit_22b_sparse.safetensors"
+    if not src.exists() or src.stat().st_size != total:
+        subprocess.run([PY, __file__, "--make", HUGE.name, "--dir", str(folder)], check=True)
+    used = src.stat().st_blocks * 512
+    print(f"{HUGE.name}: {total / 1e9:.1f} GB file, {used / MIB:.0f} MiB on disk (sparse), RAM {_ram() / 1e9:.0f} GB")
+    dst = folder / "vit_22b_384.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        torch_base = measure([PY, "-c", "import torch"], 1)
+        run = measure([*VITRESIZE, "convert", str(src), str(dst), "--img-size", "384", "--force", "-q"], 1, env)
+        print(
+            f"vitresize convert 224->384: {run.wall:.1f} s, peak RSS {run.rss / MIB:.0f} MiB "
+            f"({(run.rss - torch_base.rss) / MIB:+.0f} MiB over import torch; {run.rss / total:.4f} of the file size)"
+        )
+        print(f"output {dst.stat().st_size / 1e9:.1f} GB, {dst.stat().st_blocks * 512 / MIB:.0f} MiB on disk")
+    finally:
+        src.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)
+
+
+def _write_sparse(folder: Path) -> None:
+    import torch
+
+    entries = shapes(HUGE)
+    head = _header(entries)
+    total = len(head) + 4 * sum(_numel(s) for _, s in entries)
+    src = folder / "vit_22b_sparse.safetensors"
+    with open(src, "wb") as f:
+        f.truncate(total)
+        f.write(head)
+        offset = len(head)
+        gen = torch.Generator().manual_seed(0)
+        for name, shape in entries:
+            if name in ("pos_embed", "patch_embed.proj.weight"):
+                f.seek(offset)
+                f.write(torch.empty(shape).uniform_(-0.05, 0.05, generator=gen).numpy().tobytes())
+            offset += 4 * _numel(shape)
+
+
+def _ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="ViT-B only (CI smoke run)")
+    ap.add_argument("--huge", action="store_true", help="the ViT-22B-sized sparse scale check only")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--make", help=argparse.SUPPRESS)
+    ap.add_argument("--timm-repeat", type=int, default=1, help="runs of the (slow) timm route per file")
+    ap.add_argument("--dir", type=Path, default=Path(os.environ.get("VITRESIZE_BENCH_DIR", "~/.cache/vitresize-bench")))
+    a = ap.parse_args()
+    folder = a.dir.expanduser()
+    if a.make:
+        if a.make == HUGE.name:
+            _write_sparse(folder)
+        else:
+            _write_checkpoints(next(m for m in MODELS if m.name == a.make), folder)
+        return
+    print(f"machine: {os.cpu_count()} cores, {_ram() / 2**30:.0f} GiB RAM, Python {sys.version.split()[0]}")
+    if a.huge:
+        huge(folder)
+        return
+    models = MODELS[:1] if a.quick else MODELS
+    header = ["model", "format", "size", "operation", "wall", "wall/cp", "peak RSS", "RSS/file", "RSS-torch", "cp",
+              "timm route", "vs timm"]  # fmt: skip
+    print(_fmt_row(header, [9, 11, 8, 14, 8, 7, 9, 8, 10, 7, 20, 12]))
+    bench(models, folder, a.repeat, a.timm_repeat)
+
+
+if __name__ == "__main__":
+    main()

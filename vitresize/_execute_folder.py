@@ -1,0 +1,82 @@
+"""Write a sharded folder: only the shards holding a changed tensor are rewritten, the rest is copied."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._verify import Verification, verify_output
+from .formats import ROOT
+from .formats.atomic import atomic_folder
+
+if TYPE_CHECKING:
+    from ._execute import _Resampled
+    from .formats.folder import ShardedCheckpoint
+    from .formats.safetensors import Progress
+    from .plan import Plan
+
+__all__ = ["write_folder"]
+
+
+def write_folder(
+    plan: Plan,
+    ckpt: ShardedCheckpoint,
+    resampled: _Resampled,
+    dst: Path,
+    *,
+    force: bool,
+    verify: bool,
+    fsync: bool,
+    progress: Progress | None,
+) -> tuple[int, list[str], list[str], Verification | None]:
+    """Returns ``(bytes written, rewritten files, copied files, verification)``."""
+    from ._execute import _write_safetensors
+
+    changed_shards = {ckpt.shard_of[key] for sd, key in resampled.changes if sd == ROOT}
+    rewritten, copied = [], []
+    checked = [0, 0]
+    total = 0
+    with atomic_folder(dst, force=force, fsync=fsync) as tmp:
+        for item in sorted(ckpt.path.iterdir()):
+            out = tmp / item.name
+            if item.name in changed_shards:
+                shard = ckpt.shards[item.name]
+                total += _write_safetensors(plan, shard, ROOT, resampled, out, progress)
+                rewritten.append(item.name)
+                if verify:
+                    keys = {k for (sd, k) in resampled.changes if ckpt.shard_of.get(k) == item.name}
+                    v = verify_output(shard, out, "safetensors", (ROOT,), {(ROOT, k) for k in keys})
+                    checked[0], checked[1] = checked[0] + v.tensors, checked[1] + v.bytes
+            elif item == ckpt.index_path:
+                continue
+            elif item.is_dir():
+                shutil.copytree(item, out, symlinks=True)
+                copied.append(item.name + "/")
+            else:
+                shutil.copyfile(item, out, follow_symlinks=True)
+                total += out.stat().st_size
+                copied.append(item.name)
+                if progress:
+                    progress(out.stat().st_size)
+                if verify and item.name in ckpt.shards:
+                    v = verify_output(ckpt.shards[item.name], out, "safetensors", (ROOT,), set())
+                    checked[0], checked[1] = checked[0] + v.tensors, checked[1] + v.bytes
+        index = dict(ckpt.index)
+        meta = dict(index.get("metadata") or {})
+        if "total_size" in meta or not meta:
+            meta["total_size"] = sum((tmp / name).stat().st_size - _header_size(tmp / name) for name in ckpt.shards)
+        index["metadata"] = meta
+        raw = json.dumps(index, indent=2, sort_keys=False) + "\n"
+        (tmp / ckpt.index_path.name).write_text(raw)
+        total += len(raw)
+        rewritten.append(ckpt.index_path.name)
+    verification = Verification(tensors=checked[0], bytes=checked[1]) if verify else None
+    return total, rewritten, copied, verification
+
+
+def _header_size(path: Path) -> int:
+    """8 + the header length: ``total_size`` in an index counts tensor bytes only, as transformers writes it."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
