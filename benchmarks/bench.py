@@ -199,9 +199,10 @@ def bench(models: list[Model], folder: Path, repeat: int, timm_repeat: int) -> l
                 shutil.copyfile(src, out_dir / "warm")  # warm the page cache
                 cp = measure(["cp", str(src), str(out_dir / "copy")], repeat)
                 fmt = "safetensors" if src.suffix == ".safetensors" else "zip .pth"
-                timm_run = measure([PY, "-c", TIMM_ROUTE, str(src), str(dst), m.timm_name, "384"], timm_repeat, env)
+                img = 384 if 384 % m.patch == 0 else 392  # 224 -> 384 (/16) or 392 (/14)
+                timm_run = measure([PY, "-c", TIMM_ROUTE, str(src), str(dst), m.timm_name, str(img)], timm_repeat, env)
                 for op, args in (
-                    ("224->384", ["--img-size", "384"]),
+                    (f"224->{img}", ["--img-size", str(img)]),
                     (f"patch {m.patch}->{half}", ["--patch", str(half)]),
                 ):
                     run = measure([*VITRESIZE, "convert", str(src), str(dst), *args, "--force", "-q"], repeat, env)
@@ -217,9 +218,9 @@ def bench(models: list[Model], folder: Path, repeat: int, timm_repeat: int) -> l
                             f"{run.rss / size:.2f}",
                             f"{(run.rss - torch_base.rss) / MIB:+.0f} MiB",
                             f"{cp.wall:.2f} s",
-                            f"{timm_run.wall:.1f} s / {timm_run.rss / MIB:.0f} MiB" if op == "224->384" else "",
+                            f"{timm_run.wall:.1f} s / {timm_run.rss / MIB:.0f} MiB" if args[0] == "--img-size" else "",
                             f"{timm_run.wall / run.wall:.1f}x / {timm_run.rss / run.rss:.1f}x"
-                            if op == "224->384"
+                            if args[0] == "--img-size"
                             else "",
                         ]
                     )
@@ -286,6 +287,7 @@ def main() -> None:
     ap.add_argument("--huge", action="store_true", help="the ViT-22B-sized sparse scale check only")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--make", help=argparse.SUPPRESS)
+    ap.add_argument("--only", nargs="+", metavar="MODEL", help="e.g. --only ViT-H/14 ViT-g/14")
     ap.add_argument("--timm-repeat", type=int, default=1, help="runs of the (slow) timm route per file")
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("VITRESIZE_BENCH_DIR", "~/.cache/vitresize-bench")))
     a = ap.parse_args()
@@ -300,7 +302,7 @@ def main() -> None:
     if a.huge:
         huge(folder)
         return
-    models = MODELS[:1] if a.quick else MODELS
+    models = MODELS[:1] if a.quick else [m for m in MODELS if not a.only or m.name in a.only]
     header = ["model", "format", "size", "operation", "wall", "wall/cp", "peak RSS", "RSS/file", "RSS-torch", "cp",
               "timm route", "vs timm"]  # fmt: skip
     print(_fmt_row(header, [9, 11, 8, 14, 8, 7, 9, 8, 10, 7, 20, 12]))
