@@ -68,8 +68,7 @@ def _raw_state_dict(ckpt: Checkpoint, name: str) -> Mapping[str, Any] | None:
 
 def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], list[str]]:
     """The resampled tensors, and a warning for each input tensor holding NaN or Inf."""
-    import torch
-
+    from .formats.base import nonfinite
     from .resample.patch_embed import resample_patch_embed
     from .resample.pos_embed import resample_pos_embed
 
@@ -80,7 +79,7 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
         m = owner[(c.state_dict, c.key)]
         e = m.embedding
         t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
-        bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        bad = nonfinite(t)
         if bad:
             name = f"{c.state_dict}/{c.key}" if c.state_dict else c.key
             warnings.append(

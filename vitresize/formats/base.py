@@ -12,10 +12,17 @@ from ..keymaps import TensorInfo
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ROOT", "Checkpoint"]
+__all__ = ["ROOT", "Checkpoint", "nonfinite"]
 
 ROOT = ""
 """Name of the state dict when the file is a flat state dict (no container around it)."""
+
+
+def nonfinite(t: torch.Tensor) -> int:
+    """NaN and Inf elements of a tensor (0 for integer dtypes)."""
+    import torch
+
+    return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
 
 
 class Checkpoint(ABC):
@@ -44,10 +51,7 @@ class Checkpoint(ABC):
 
     def count_nonfinite(self, state_dict: str, key: str) -> int:
         """NaN and Inf elements of one tensor (0 for integer dtypes)."""
-        import torch
-
-        t = self.tensor(state_dict, key)
-        return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+        return nonfinite(self.tensor(state_dict, key))
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles and mappings."""
