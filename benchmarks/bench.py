@@ -140,10 +140,17 @@ class Run:
     rss: int  # bytes
 
 
-def measure(cmd: list[str], repeat: int, env: dict[str, str] | None = None) -> Run:
-    """Median wall time and median peak RSS of ``cmd`` run ``repeat`` times as a child process."""
+def measure(cmd: list[str], repeat: int, env: dict[str, str] | None = None, outputs: Sequence[Path] = ()) -> Run:
+    """Median wall time and median peak RSS of ``cmd`` run ``repeat`` times as a child process.
+
+    Before each run the ``outputs`` of the last one are deleted and the page cache is synced (not timed):
+    otherwise a run pays for the write-back of the previous run's gigabytes, and times vary 3x here.
+    """
     walls, rsss = [], []
     for _ in range(repeat):
+        for p in outputs:
+            p.unlink(missing_ok=True)
+        os.sync()
         with tempfile.TemporaryFile() as err:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
@@ -168,6 +175,13 @@ sd = checkpoint_filter_fn(sd, model)
 model.load_state_dict(sd)
 save_file(model.state_dict(), dst)
 """
+
+
+def _warm(path: Path) -> None:
+    """Read a file once so that every measured command finds it in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 * MIB):
+            pass
 
 
 def _fmt_row(cells: Sequence[str], widths: Sequence[int]) -> str:
@@ -196,16 +210,20 @@ def bench(models: list[Model], folder: Path, repeat: int, timm_repeat: int) -> l
             for src in (st, pth):
                 size = src.stat().st_size
                 dst = out_dir / "out.safetensors"
-                shutil.copyfile(src, out_dir / "warm")  # warm the page cache
-                cp = measure(["cp", str(src), str(out_dir / "copy")], repeat)
+                _warm(src)
+                cp = measure(["cp", str(src), str(out_dir / "copy")], repeat, outputs=[out_dir / "copy"])
                 fmt = "safetensors" if src.suffix == ".safetensors" else "zip .pth"
                 img = 384 if 384 % m.patch == 0 else 392  # 224 -> 384 (/16) or 392 (/14)
-                timm_run = measure([PY, "-c", TIMM_ROUTE, str(src), str(dst), m.timm_name, str(img)], timm_repeat, env)
+                timm_run = measure(
+                    [PY, "-c", TIMM_ROUTE, str(src), str(dst), m.timm_name, str(img)], timm_repeat, env, [dst]
+                )
                 for op, args in (
                     (f"224->{img}", ["--img-size", str(img)]),
                     (f"patch {m.patch}->{half}", ["--patch", str(half)]),
                 ):
-                    run = measure([*VITRESIZE, "convert", str(src), str(dst), *args, "--force", "-q"], repeat, env)
+                    run = measure(
+                        [*VITRESIZE, "convert", str(src), str(dst), *args, "--force", "-q"], repeat, env, [dst]
+                    )
                     rows.append(
                         [
                             m.name,
@@ -247,7 +265,7 @@ def huge(folder: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         torch_base = measure([PY, "-c", "import torch"], 1)
-        run = measure([*VITRESIZE, "convert", str(src), str(dst), "--img-size", "384", "--force", "-q"], 1, env)
+        run = measure([*VITRESIZE, "convert", str(src), str(dst), "--img-size", "384", "--force", "-q"], 1, env, [dst])
         print(
             f"vitresize convert 224->384: {run.wall:.1f} s, peak RSS {run.rss / MIB:.0f} MiB "
             f"({(run.rss - torch_base.rss) / MIB:+.0f} MiB over import torch; {run.rss / total:.4f} of the file size)"

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from .formats import Checkpoint
     from .formats.safetensors import Progress, Segment
+    from .formats.torch_pickle import TorchCheckpoint
     from .plan import Plan, Report
 
 __all__ = ["dry_run_report", "execute"]
@@ -46,24 +47,21 @@ def _select(plan: Plan, ckpt: Checkpoint, dst_format: str, select: str | None) -
         vits = plan.state_dicts
         chosen = next((s for s in vits if "ema" not in s.rsplit("/", 1)[-1].lower()), vits[0])
     left: list[str] = []
+    torch_ckpt = _as_torch(ckpt)
     if chosen != ROOT:
         root = chosen.split("/")[0]
-        container = getattr(ckpt, "container", None)
-        tops = [str(k) for k in container] if isinstance(container, Mapping) else []
+        tops = torch_ckpt.top_keys() if torch_ckpt is not None else []
         left += [t for t in tops if t != root]
         left += [s for s in ckpt.state_dicts if s != chosen and s.split("/")[0] == root]
-    raw = _raw_state_dict(ckpt, chosen)
-    if raw is not None:
-        import torch
-
-        left += [f"{k} (not a tensor)" for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    if torch_ckpt is not None:
+        left += [f"{k} (not a tensor)" for k in torch_ckpt.non_tensors(chosen)]
     return (chosen,), left
 
 
-def _raw_state_dict(ckpt: Checkpoint, name: str) -> Mapping[str, Any] | None:
+def _as_torch(ckpt: Checkpoint) -> TorchCheckpoint | None:
     from .formats.torch_pickle import TorchCheckpoint
 
-    return ckpt.raw_state_dict(name) if isinstance(ckpt, TorchCheckpoint) else None
+    return ckpt if isinstance(ckpt, TorchCheckpoint) else None
 
 
 def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], list[str]]:
@@ -143,16 +141,13 @@ def _provenance(plan: Plan) -> dict[str, str]:
 def _write_safetensors(
     plan: Plan, ckpt: Checkpoint, name: str, resampled: _Resampled, tmp: Path, progress: Progress | None
 ) -> int:
-    from .formats._dtypes import ST_DTYPES, TORCH_TO_ST
+    from .formats._dtypes import TORCH_TO_ST, nbytes
     from .formats.safetensors import SafetensorsCheckpoint, Segment, read_header, write_safetensors
     from .formats.torch_pickle import TorchCheckpoint
 
     def planned(key: str) -> Segment:
         c = resampled.changes[(name, key)]
-        numel = 1
-        for n in c.new_shape:
-            numel *= n
-        size = numel * ST_DTYPES[TORCH_TO_ST[c.dtype]][1]
+        size = nbytes(c.new_shape, c.dtype)
         return Segment(key, c.dtype, c.new_shape, size, tensor=lambda: resampled.get((name, key)))
 
     segments: list[Segment] = []
@@ -166,19 +161,16 @@ def _write_safetensors(
                 else:
                     segments.append(Segment(key, info.dtype, info.shape, e.end - e.start, copy_from=(src_fd, e.start)))
         elif isinstance(ckpt, TorchCheckpoint):
-            import torch
-
             ranges = ckpt.file_ranges(name)
-            for key, v in ckpt.raw_state_dict(name).items():
+            for key, info in ckpt.state_dicts[name].items():
                 if (name, key) in resampled.changes:
                     segments.append(planned(key))
                 elif key in ranges:
-                    info = ckpt.state_dicts[name][key]
                     segments.append(
                         Segment(key, info.dtype, info.shape, ranges[key][1], copy_from=(src_fd, ranges[key][0]))
                     )
-                elif isinstance(v, torch.Tensor):
-                    segments.append(_tensor_segment(key, v))
+                else:
+                    segments.append(_tensor_segment(ckpt, name, key))
         else:  # pragma: no cover - every reader is one of the above
             raise CheckpointFormatError(f"cannot write {ckpt.format} input as .safetensors")
         metadata = {"format": "pt", **ckpt.metadata, **_provenance(plan)}
@@ -193,11 +185,13 @@ def _write_safetensors(
     return written
 
 
-def _tensor_segment(key: str, t: torch.Tensor) -> Segment:
+def _tensor_segment(ckpt: Checkpoint, name: str, key: str) -> Segment:
+    """A tensor written from its data (read when the writer gets to it), not copied as a byte range."""
+    from .formats._dtypes import nbytes
     from .formats.safetensors import Segment
 
-    dtype = str(t.dtype).removeprefix("torch.")
-    return Segment(key, dtype, tuple(t.shape), t.numel() * t.element_size(), tensor=lambda: t)
+    info = ckpt.state_dicts[name][key]
+    return Segment(key, info.dtype, info.shape, nbytes(info.shape, info.dtype), tensor=lambda: ckpt.tensor(name, key))
 
 
 def _replace(node: Any, path: list[str], key: str, value: Any) -> Any:

@@ -25,6 +25,16 @@ ST_DTYPES: dict[str, tuple[str, int]] = {
 }
 TORCH_TO_ST: dict[str, str] = {name: code for code, (name, _) in ST_DTYPES.items()}
 
+
+def nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of a tensor of a torch dtype name; 0 for dtypes safetensors cannot store (its writer refuses them)."""
+    code = TORCH_TO_ST.get(dtype)
+    numel = 1
+    for n in shape:
+        numel *= n
+    return numel * ST_DTYPES[code][1] if code else 0
+
+
 # Floating dtypes: (memoryview format of an element, mask of the exponent bits). An element is NaN or
 # Inf exactly when all its exponent bits are set, so they can be counted from raw bytes without torch.
 _EXPONENT: dict[str, tuple[str, int]] = {

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..keymaps import TensorInfo
+from ._zip_index import TensorRef, is_tensor_ref, read_zip_index
 from .base import ROOT, Checkpoint
 
 if TYPE_CHECKING:
@@ -118,92 +119,171 @@ def _blocked(message: str) -> str | None:
     return None
 
 
-def _is_state_dict(node: Mapping[Any, Any]) -> bool:
+def _is_torch_tensor(x: Any) -> bool:
     import torch
 
+    return isinstance(x, torch.Tensor)
+
+
+def _is_state_dict(node: Mapping[Any, Any], is_tensor: Callable[[Any], bool]) -> bool:
     has_tensor = False
     for k, v in node.items():
         if not isinstance(k, str) or isinstance(v, Mapping):
             return False
-        has_tensor = has_tensor or isinstance(v, torch.Tensor)
+        has_tensor = has_tensor or is_tensor(v)
     return has_tensor
 
 
 def iter_state_dicts(
-    obj: Any, path: tuple[str, ...] = ()
+    obj: Any, path: tuple[str, ...] = (), is_tensor: Callable[[Any], bool] = _is_torch_tensor
 ) -> Iterator[tuple[tuple[str, ...], MutableMapping[str, Any]]]:
     """Every model-like dict in a container: string keys, tensor values, no nested dicts."""
     if not isinstance(obj, Mapping):
         return
-    if _is_state_dict(obj):
+    if _is_state_dict(obj, is_tensor):
         yield path, obj  # type: ignore[misc]
         return
     if len(path) >= _MAX_DEPTH:
         return
     for k, v in obj.items():
         if isinstance(k, str) and isinstance(v, Mapping):
-            yield from iter_state_dicts(v, (*path, k))
+            yield from iter_state_dicts(v, (*path, k), is_tensor)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _infos(sd: Mapping[str, Any], is_tensor: Callable[[Any], bool]) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of the tensors of a state dict (torch tensors, or the index's :class:`TensorRef`)."""
+    return {
+        k: TensorInfo(tuple(v.shape), v.dtype if isinstance(v, TensorRef) else _dtype_name(v))
+        for k, v in sd.items()
+        if is_tensor(v)
+    }
+
+
 class TorchCheckpoint(Checkpoint):
-    """A torch pickle. Zip files are memory-mapped (tensor bytes read on use); legacy pickles load whole."""
+    """A torch pickle. Zip files are indexed without torch (:mod:`._zip_index`) and memory-mapped by
+    ``torch.load`` only when tensor data is needed; legacy pickles (and zip files the index does not model)
+    load with ``torch.load`` up front."""
 
     def __init__(self, path: Path, *, zip_format: bool) -> None:
-        import torch
-
         self.path = path
         self.format = "torch-zip" if zip_format else "torch-legacy"
         self.lazy = zip_format
         self.metadata = {}
-        self.container = load_container(path, mmap=zip_format)
-        self._sds: dict[str, MutableMapping[str, Any]] = {}
+        self._index = read_zip_index(path) if zip_format else None
+        self._container: Any = None
+        if self._index is None:
+            self._container = load_container(path, mmap=zip_format)
+        source, is_tensor = self._outline()
+        self._paths: dict[str, tuple[str, ...]] = {}
         self.state_dicts = {}
-        for p, sd in iter_state_dicts(self.container):
+        for p, sd in iter_state_dicts(source, is_tensor=is_tensor):
             name = "/".join(p) if p else ROOT
-            self._sds[name] = sd
-            self.state_dicts[name] = {
-                k: TensorInfo(tuple(v.shape), _dtype_name(v)) for k, v in sd.items() if isinstance(v, torch.Tensor)
-            }
-        self.extras = self._extras()
+            self._paths[name] = p
+            self.state_dicts[name] = _infos(sd, is_tensor)
+        self.extras = self._extras(source)
         self._ranges: dict[int, tuple[int, int]] | None = None
 
-    def _extras(self) -> list[str]:
-        if not isinstance(self.container, Mapping) or ROOT in self._sds:
+    def _outline(self) -> tuple[Any, Callable[[Any], bool]]:
+        """The container as read for planning (the index if there is one) and how to tell its tensors."""
+        if self._index is not None:
+            return self._index.container, is_tensor_ref
+        return self._container, _is_torch_tensor
+
+    def _extras(self, source: Any) -> list[str]:
+        if not isinstance(source, Mapping) or ROOT in self._paths:
             return []
-        tops = {name.split("/")[0] for name in self._sds}
-        return [str(k) for k in self.container if str(k) not in tops]
+        tops = {name.split("/")[0] for name in self._paths}
+        return [str(k) for k in source if str(k) not in tops]
+
+    @property
+    def container(self) -> Any:
+        """What ``torch.load(weights_only=True)`` returns (tensors memory-mapped for zip files), loaded on first
+        use and checked against the index that planned the conversion."""
+        if self._container is None:
+            self._container = load_container(self.path, mmap=True)
+            got = {"/".join(p): _infos(sd, _is_torch_tensor) for p, sd in iter_state_dicts(self._container)}
+            if got != self.state_dicts:
+                raise CheckpointFormatError(
+                    f"{self.path}: torch.load reads other tensors than the zip index did (corrupt file?)"
+                )
+        return self._container
+
+    def top_keys(self) -> list[str]:
+        source, _ = self._outline()
+        return [str(k) for k in source] if isinstance(source, Mapping) else []
+
+    def non_tensors(self, state_dict: str) -> list[str]:
+        source, is_tensor = self._outline()
+        sd = source
+        for part in self._paths[state_dict]:
+            sd = sd[part]
+        return [k for k, v in sd.items() if not is_tensor(v)]
 
     def raw_state_dict(self, name: str) -> MutableMapping[str, Any]:
         """The loaded dict itself (tensors mmap-backed for zip files); changes to it go into :func:`save_container`."""
-        return self._sds[name]
+        sd = self.container
+        for part in self._paths[name]:
+            sd = sd[part]
+        return sd  # type: ignore[no-any-return]
 
     def tensor(self, state_dict: str, key: str) -> torch.Tensor:
-        t: torch.Tensor = self._sds[state_dict][key]
+        t: torch.Tensor = self.raw_state_dict(state_dict)[key]
         return t
+
+    def count_nonfinite(self, state_dict: str, key: str) -> int:
+        """From the raw bytes where the index has them (``inspect`` of a zip file never imports torch)."""
+        ref = self._ref(state_dict, key)
+        rng = self._index.file_range(ref) if self._index is not None and ref is not None else None
+        if rng is None:
+            return super().count_nonfinite(state_dict, key)
+        from ._dtypes import TORCH_TO_ST, count_nonfinite
+
+        with open(self.path, "rb") as f:
+            f.seek(rng[0])
+            return count_nonfinite(f.read(rng[1]), TORCH_TO_ST[ref.dtype])  # type: ignore[union-attr]
+
+    def _ref(self, state_dict: str, key: str) -> TensorRef | None:
+        if self._index is None:
+            return None
+        sd = self._index.container
+        for part in self._paths[state_dict]:
+            sd = sd[part]
+        ref = sd[key]
+        return ref if isinstance(ref, TensorRef) else None
 
     def file_ranges(self, state_dict: str) -> dict[str, tuple[int, int]]:
         """``key -> (file offset, length)`` of the tensors whose bytes lie as they are in the file.
 
-        A memory-mapped zip file holds each storage as a stored (uncompressed) member, and torch maps the
-        whole file once, so a storage's address minus the mapping's base is its member's file offset. With
-        these ranges the bytes are copied file to file (``copy_file_range``) without mapping them into this
-        process. Empty for legacy pickles, compressed members, or anything that does not add up.
+        A zip checkpoint holds each storage as a stored (uncompressed) member; a contiguous tensor's bytes are
+        a range of it, copied file to file (``copy_file_range``) without mapping them into this process.
+        From the index; else (a zip file torch had to load) from the mapped storages' addresses: torch maps
+        the whole file once, so a storage's address minus the mapping's base is its member's file offset.
+        Empty for legacy pickles, compressed members, or anything that does not add up.
         """
-        if self._ranges is None:
-            self._ranges = _file_ranges(self.path, self.container) if self.lazy else {}
-        sd = self._sds.get(state_dict)
-        if sd is None:
+        if state_dict not in self._paths:
             return {}
+        if self._index is not None:
+            out = {}
+            for key in self.state_dicts[state_dict]:
+                ref = self._ref(state_dict, key)
+                rng = self._index.file_range(ref) if ref is not None else None
+                if rng is not None:
+                    out[key] = rng
+            return out
+        if self._ranges is None:
+            self._ranges = _file_ranges(self.path, self._container) if self.lazy else {}
+        sd = self.raw_state_dict(state_dict)
         return {k: self._ranges[id(v)] for k, v in sd.items() if id(v) in self._ranges}
 
     def close(self) -> None:
-        self._sds = {}
+        self._paths = {}
         self._ranges = None
-        self.container = None
+        self._container = None
+        self._index = None
 
 
 def _member_offsets(path: Path) -> set[int] | None:
