@@ -140,28 +140,51 @@ class Run:
     rss: int  # bytes
 
 
-def measure(cmd: list[str], repeat: int, env: dict[str, str] | None = None, outputs: Sequence[Path] = ()) -> Run:
-    """Median wall time and median peak RSS of ``cmd`` run ``repeat`` times as a child process.
+@dataclass(frozen=True)
+class Cmd:
+    argv: list[str]
+    env: dict[str, str] | None = None
+    outputs: tuple[Path, ...] = ()
 
-    Before each run the ``outputs`` of the last one are deleted and the page cache is synced (not timed):
-    otherwise a run pays for the write-back of the previous run's gigabytes, and times vary 3x here.
+
+def _run_once(cmd: Cmd) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one run of ``cmd`` as a child process.
+
+    The outputs of the last run are deleted and the page cache synced first (not timed): otherwise a run
+    pays for the write-back of the previous run's gigabytes.
     """
-    walls, rsss = [], []
+    for p in cmd.outputs:
+        p.unlink(missing_ok=True)
+    os.sync()
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd.argv, stdout=subprocess.DEVNULL, stderr=err, env=cmd.env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+        wall = time.perf_counter() - t0
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            err.seek(0)
+            raise SystemExit(f"benchmark command failed ({code}): {' '.join(cmd.argv)}\n{err.read().decode()}")
+    return wall, usage.ru_maxrss * 1024  # kB on Linux
+
+
+def measure_interleaved(cmds: dict[str, Cmd], repeat: int) -> dict[str, Run]:
+    """Median wall time and peak RSS of each command over ``repeat`` rounds, the commands taking turns
+    within a round: the disk of a VM drifts over minutes, and taking turns spreads that drift evenly
+    over the command and its baseline (``cp``) instead of favouring whichever ran at a good moment."""
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in cmds}
     for _ in range(repeat):
-        for p in outputs:
-            p.unlink(missing_ok=True)
-        os.sync()
-        with tempfile.TemporaryFile() as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
-            walls.append(time.perf_counter() - t0)
-            proc.returncode = code = os.waitstatus_to_exitcode(status)
-            if code != 0:
-                err.seek(0)
-                raise SystemExit(f"benchmark command failed ({code}): {' '.join(cmd)}\n{err.read().decode()}")
-        rsss.append(usage.ru_maxrss * 1024)  # kB on Linux
-    return Run(statistics.median(walls), int(statistics.median(rsss)))
+        for name, cmd in cmds.items():
+            samples[name].append(_run_once(cmd))
+    return {
+        name: Run(statistics.median(w for w, _ in s), int(statistics.median(r for _, r in s)))
+        for name, s in samples.items()
+    }
+
+
+def measure(cmd: list[str], repeat: int, env: dict[str, str] | None = None, outputs: Sequence[Path] = ()) -> Run:
+    """Median wall time and median peak RSS of ``cmd`` run ``repeat`` times (see :func:`_run_once`)."""
+    return measure_interleaved({"cmd": Cmd(cmd, env, tuple(outputs))}, repeat)["cmd"]
 
 
 TIMM_ROUTE = """
@@ -211,19 +234,20 @@ def bench(models: list[Model], folder: Path, repeat: int, timm_repeat: int) -> l
                 size = src.stat().st_size
                 dst = out_dir / "out.safetensors"
                 _warm(src)
-                cp = measure(["cp", str(src), str(out_dir / "copy")], repeat, outputs=[out_dir / "copy"])
                 fmt = "safetensors" if src.suffix == ".safetensors" else "zip .pth"
                 img = 384 if 384 % m.patch == 0 else 392  # 224 -> 384 (/16) or 392 (/14)
                 timm_run = measure(
                     [PY, "-c", TIMM_ROUTE, str(src), str(dst), m.timm_name, str(img)], timm_repeat, env, [dst]
                 )
-                for op, args in (
-                    (f"224->{img}", ["--img-size", str(img)]),
-                    (f"patch {m.patch}->{half}", ["--patch", str(half)]),
-                ):
-                    run = measure(
-                        [*VITRESIZE, "convert", str(src), str(dst), *args, "--force", "-q"], repeat, env, [dst]
-                    )
+                ops = {f"224->{img}": ["--img-size", str(img)], f"patch {m.patch}->{half}": ["--patch", str(half)]}
+                cmds = {"cp": Cmd(["cp", str(src), str(out_dir / "copy")], None, (out_dir / "copy",))}
+                for op, args in ops.items():
+                    argv = [*VITRESIZE, "convert", str(src), str(dst), *args, "--force", "-q"]
+                    cmds[op] = Cmd(argv, env, (dst,))
+                runs = measure_interleaved(cmds, repeat)
+                cp = runs["cp"]
+                for op, args in ops.items():
+                    run = runs[op]
                     rows.append(
                         [
                             m.name,
@@ -303,7 +327,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="ViT-B only (CI smoke run)")
     ap.add_argument("--huge", action="store_true", help="the ViT-22B-sized sparse scale check only")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5, help="rounds of cp and vitresize runs (medians)")
     ap.add_argument("--make", help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="+", metavar="MODEL", help="e.g. --only ViT-H/14 ViT-g/14")
     ap.add_argument("--timm-repeat", type=int, default=1, help="runs of the (slow) timm route per file")
