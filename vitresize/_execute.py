@@ -70,12 +70,20 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
     from .resample.patch_embed import resample_patch_embed
     from .resample.pos_embed import resample_pos_embed
 
-    owner = {(m.embedding.state_dict, k): m for m in plan.models for k in (m.embedding.pos_key, m.embedding.patch_key)}
+    owner = {
+        (m.embedding.state_dict, k): m
+        for m in plan.models
+        for k in (m.embedding.pos_key, m.embedding.patch_key, m.embedding.position_ids_key)
+        if k is not None
+    }
     out: dict[Key, torch.Tensor] = {}
     warnings: list[str] = []
     for c in plan.changes:
         m = owner[(c.state_dict, c.key)]
         e = m.embedding
+        if c.op == "position_ids":
+            out[(c.state_dict, c.key)] = _position_ids(ckpt.tensor(c.state_dict, c.key), c.new_shape)
+            continue
         t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
         bad = nonfinite(t)
         if bad:
@@ -85,17 +93,28 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
                 f"neighbouring entries of the output (is the checkpoint corrupt?)"
             )
         if c.op == "pos_embed":
+            table = t.unsqueeze(0) if e.pos_layout == "LD" else t
             new = resample_pos_embed(
-                t,
+                table,
                 old_grid=m.source.grid,
                 new_grid=m.target.grid,
                 num_prefix_tokens=e.prefix_rows,
                 convention=plan.pos_convention,
             )
+            new = new.squeeze(0) if e.pos_layout == "LD" else new
         else:
-            new = resample_patch_embed(t, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
+            kernel = t.permute(3, 2, 0, 1) if e.patch_layout == "HWIO" else t  # HWIO -> OIHW
+            new = resample_patch_embed(kernel, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
+            new = new.permute(2, 3, 1, 0) if e.patch_layout == "HWIO" else new
         out[(c.state_dict, c.key)] = new.cpu().contiguous()
     return out, warnings
+
+
+def _position_ids(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A ``[1, rows]`` row counter of the old buffer's dtype."""
+    import torch
+
+    return torch.arange(shape[1], dtype=old.dtype).reshape(shape)
 
 
 class _Resampled:

@@ -1,4 +1,5 @@
-"""Write a sharded folder: only the shards holding a changed tensor are rewritten, the rest is copied."""
+"""Write a model folder: only the files holding a changed tensor are rewritten (and ``config.json`` gets the
+new geometry); the rest is copied."""
 
 from __future__ import annotations
 
@@ -32,25 +33,37 @@ def write_folder(
     progress: Progress | None,
 ) -> tuple[int, list[str], list[str], Verification | None]:
     """Returns ``(bytes written, rewritten files, copied files, verification)``."""
-    from ._execute import _write_safetensors
+    from ._execute import _write_safetensors, _write_torch
+    from .formats.safetensors import SafetensorsCheckpoint
 
     changed_shards = {ckpt.shard_of[key] for sd, key in resampled.changes if sd == ROOT}
+    sidecar = ckpt.sidecar if plan.changes else None
     rewritten, copied = [], []
     checked = [0, 0]
     total = 0
     with atomic_folder(dst, force=force, fsync=fsync) as tmp:
         for item in sorted(ckpt.path.iterdir()):
             out = tmp / item.name
-            if item.name in changed_shards:
-                shard = ckpt.shards[item.name]
-                total += _write_safetensors(plan, shard, ROOT, resampled, out, progress)
+            shard = ckpt.shards.get(item.name)
+            if shard is not None and item.name in changed_shards:
+                fmt = "safetensors" if isinstance(shard, SafetensorsCheckpoint) else "torch"
+                if fmt == "safetensors":
+                    total += _write_safetensors(plan, shard, ROOT, resampled, out, progress)
+                else:
+                    repl = {k: t for k, t in resampled().items() if ckpt.shard_of.get(k[1]) == item.name}
+                    total += _write_torch(shard, repl, out, progress)
                 rewritten.append(item.name)
                 if verify:
                     keys = {k for (sd, k) in resampled.changes if ckpt.shard_of.get(k) == item.name}
-                    v = verify_output(shard, out, "safetensors", (ROOT,), {(ROOT, k) for k in keys})
+                    v = verify_output(shard, out, fmt, (ROOT,), {(ROOT, k) for k in keys})
                     checked[0], checked[1] = checked[0] + v.tensors, checked[1] + v.bytes
             elif item == ckpt.index_path:
                 continue
+            elif sidecar is not None and item == sidecar.path:
+                target = plan.models[0].target
+                sidecar.write(out, target.img_size, target.patch)
+                total += out.stat().st_size
+                rewritten.append(item.name)
             elif item.is_dir():
                 shutil.copytree(item, out, symlinks=True)
                 copied.append(item.name + "/")
@@ -60,18 +73,19 @@ def write_folder(
                 copied.append(item.name)
                 if progress:
                     progress(out.stat().st_size)
-                if verify and item.name in ckpt.shards:
-                    v = verify_output(ckpt.shards[item.name], out, "safetensors", (ROOT,), set())
+                if verify and isinstance(shard, SafetensorsCheckpoint):
+                    v = verify_output(shard, out, "safetensors", (ROOT,), set())
                     checked[0], checked[1] = checked[0] + v.tensors, checked[1] + v.bytes
-        index = dict(ckpt.index)
-        meta = dict(index.get("metadata") or {})
-        if "total_size" in meta or not meta:
-            meta["total_size"] = sum((tmp / name).stat().st_size - _header_size(tmp / name) for name in ckpt.shards)
-        index["metadata"] = meta
-        raw = json.dumps(index, indent=2, sort_keys=False) + "\n"
-        (tmp / ckpt.index_path.name).write_text(raw)
-        total += len(raw)
-        rewritten.append(ckpt.index_path.name)
+        if ckpt.index_path is not None:
+            index = dict(ckpt.index)
+            meta = dict(index.get("metadata") or {})
+            if "total_size" in meta or not meta:
+                meta["total_size"] = sum((tmp / name).stat().st_size - _header_size(tmp / name) for name in ckpt.shards)
+            index["metadata"] = meta
+            raw = json.dumps(index, indent=2, sort_keys=False) + "\n"
+            (tmp / ckpt.index_path.name).write_text(raw)
+            total += len(raw)
+            rewritten.append(ckpt.index_path.name)
     verification = Verification(tensors=checked[0], bytes=checked[1]) if verify else None
     return total, rewritten, copied, verification
 

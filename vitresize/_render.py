@@ -204,6 +204,11 @@ def inspection(ins: Inspection) -> None:
         rows.append((f"  {escape(_sd(s.name))}", f"{s.tensors} tensors, {s.parameters:,} parameters ({dtypes})"))
     if ins.metadata:
         rows.append(("metadata", escape(", ".join(f"{k}={v}" for k, v in sorted(ins.metadata.items())))))
+    if ins.config:
+        c = ins.config
+        img = "x".join(map(str, c["img_size"])) if c["img_size"] else "?"
+        patch = "x".join(map(str, c["patch"])) if c["patch"] else "?"
+        rows.append(("config", escape(f"{c['path']} ({c['kind']}: image {img}, patch {patch})")))
     _out.print(_summary(rows))
     if ins.embeddings:
         table = Table(title="Position and patch embeddings", title_justify="left", header_style="bold")

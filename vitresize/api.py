@@ -27,14 +27,19 @@ def _opt_size(value: SizeArg, option: str) -> Size | None:
     return None if value is None else parse_size(value, option=option)
 
 
+_CLS = ("cls_token", "class_token", "class_embedding", "cls")
+_DIST = ("dist_token", "distillation_token")
+_OUTSIDE = ("register_tokens", "embeddings.register_tokens")
+
+
 def _variant(found: Found, tensors: dict[str, TensorInfo], prefix_rows: int) -> str:
     names = []
     for key in found.token_keys:
-        short = key[len(found.prefix) :]
+        short = key[len(found.prefix) :].rsplit(found.keymap.sep, 1)[-1]
         rows = tensors[key].shape[-2] if len(tensors[key].shape) >= 3 else 1
-        if short in ("cls_token", "class_token"):
+        if short in _CLS:
             names.append("cls")
-        elif short == "dist_token":
+        elif short in _DIST:
             names.append("dist")
         else:
             names.append(f"{rows} reg")
@@ -43,7 +48,15 @@ def _variant(found: Found, tensors: dict[str, TensorInfo], prefix_rows: int) -> 
         text = "DeiT distilled: " + text
     if found.token_rows and prefix_rows == 0:
         text += ", no_embed_class"
+    for key in _OUTSIDE:
+        info = tensors.get(found.prefix + key)
+        if info is not None:
+            text += f", {_rows(info)} registers outside the table"
     return text
+
+
+def _rows(info: TensorInfo) -> int:
+    return info.shape[-2] if len(info.shape) >= 3 else 1
 
 
 def _metadata_grid(meta: dict[str, str]) -> Size | None:
@@ -55,7 +68,7 @@ def _embeddings(
     ckpt: Checkpoint, family: str, *, from_grid: Size | None, from_img_size: Size | None, strict: bool
 ) -> list[Embedding]:
     """Every ViT in every state dict, with its source geometry (``strict``: raise when it cannot be inferred)."""
-    hint = _metadata_grid(ckpt.metadata)
+    meta_hint = _metadata_grid(ckpt.metadata)
     out: list[Embedding] = []
     misses: list[str] = []
     for sd_name, tensors in ckpt.state_dicts.items():
@@ -63,26 +76,33 @@ def _embeddings(
         misses += miss
         for f in found:
             pos, patch = tensors[f.pos_key], tensors[f.patch_key]
-            kernel = (patch.shape[-2], patch.shape[-1])
+            km = f.keymap
+            kernel = km.kernel_size(patch.shape)
+            num_rows = km.pos_rows(pos.shape)
+            assert num_rows is not None  # find_vits checked the layout
             source: Geometry | None = None
             note = None
             rows = f.prefix_candidates()[0]
             how = ""
             try:
+                hint, hint_from = _sidecar_grid(ckpt, kernel), "config.json"
+                if hint is None:
+                    hint, hint_from = meta_hint, "metadata"
                 grid, rows, how = infer_source_grid(
-                    num_rows=pos.shape[1],
+                    num_rows=num_rows,
                     prefix_candidates=f.prefix_candidates(),
                     patch=kernel,
                     pos_key=f.pos_key,
                     from_grid=from_grid,
                     from_img_size=from_img_size,
                     hint=hint,
+                    hint_from=hint_from,
                 )
                 source = Geometry(grid=grid, patch=kernel)
                 if rows == 0 and f.token_rows and how == "tokens":
                     tokens = ", ".join(k[len(f.prefix) :] for k in f.token_keys)
                     note = (
-                        f"{f.pos_key} has no rows for {tokens} (timm no_embed_class): its {pos.shape[1]} rows were "
+                        f"{f.pos_key} has no rows for {tokens} (timm no_embed_class): its {num_rows} rows were "
                         f"read as a {format_size(grid)} grid; if it is a non-square grid with prefix rows, "
                         f"pass --from-img-size HxW"
                     )
@@ -106,6 +126,10 @@ def _embeddings(
                     source=source,
                     geometry_from=how,
                     note=note,
+                    native_method=f.native_method(tensors),
+                    pos_layout=km.pos_layout,
+                    patch_layout=km.patch_layout,
+                    position_ids_key=_position_ids(f, tensors),
                 )
             )
     if not out and strict:
@@ -117,6 +141,39 @@ def _embeddings(
             f"Is this a ViT checkpoint of a supported family?"
         )
     return out
+
+
+def _sidecar_grid(ckpt: Checkpoint, kernel: Size) -> Size | None:
+    """The grid a sidecar config states for a kernel of this patch size (its image size / the patch)."""
+    sc = ckpt.sidecar
+    if sc is None or sc.img_size is None or (sc.patch is not None and sc.patch != kernel):
+        return None
+    img = sc.img_size
+    if img[0] % kernel[0] or img[1] % kernel[1]:
+        return None
+    return (img[0] // kernel[0], img[1] // kernel[1])
+
+
+def _list(size: Size | None) -> list[int] | None:
+    return None if size is None else [size[0], size[1]]
+
+
+def _size_of(path: Path) -> int:
+    """Bytes of a file, or of the files of a folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _position_ids(f: Found, tensors: dict[str, TensorInfo]) -> str | None:
+    """The key of a ``[1, rows]`` integer buffer counting the table's rows (older HF CLIP files), if any."""
+    if f.keymap.position_ids is None:
+        return None
+    key = f.prefix + f.keymap.position_ids
+    info = tensors.get(key)
+    if info is None or len(info.shape) != 2 or info.dtype not in ("int64", "int32"):
+        return None
+    return key
 
 
 def _check_device(device: str) -> None:
@@ -140,24 +197,39 @@ def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) ->
     out = []
     if src.grid != dst.grid:
         new_rows = e.prefix_rows + dst.num_patches
+        dim = e.pos_shape[-1]
         out.append(
             TensorChange(
                 state_dict=e.state_dict,
                 key=e.pos_key,
                 old_shape=e.pos_shape,
-                new_shape=(e.pos_shape[0], new_rows, e.pos_shape[2]),
+                new_shape=(new_rows, dim) if e.pos_layout == "LD" else (1, new_rows, dim),
                 dtype=e.dtype,
                 op="pos_embed",
                 detail=f"grid {format_size(src.grid)} -> {format_size(dst.grid)}",
             )
         )
+        if e.position_ids_key is not None:
+            info = tensors[e.position_ids_key]
+            out.append(
+                TensorChange(
+                    state_dict=e.state_dict,
+                    key=e.position_ids_key,
+                    old_shape=info.shape,
+                    new_shape=(1, new_rows),
+                    dtype=info.dtype,
+                    op="position_ids",
+                    detail=f"0..{new_rows - 1}, one per row of {e.pos_key}",
+                )
+            )
     if src.patch != dst.patch:
+        shape = e.patch_shape
         out.append(
             TensorChange(
                 state_dict=e.state_dict,
                 key=e.patch_key,
                 old_shape=e.patch_shape,
-                new_shape=(*e.patch_shape[:2], *dst.patch),
+                new_shape=(*dst.patch, *shape[2:]) if e.patch_layout == "HWIO" else (*shape[:2], *dst.patch),
                 dtype=tensors[e.patch_key].dtype,
                 op="patch_embed",
                 detail=f"patch {format_size(src.patch)} -> {format_size(dst.patch)}, "
@@ -234,7 +306,7 @@ def plan(
     try:
         embeddings = _embeddings(ckpt, family, from_grid=src_grid, from_img_size=src_img, strict=True)
         name, pos_conv, basis = resolve_conventions(
-            method, native=KEYMAPS[embeddings[0].family].native_method, interpolation=interpolation, antialias=antialias
+            method, native=embeddings[0].native_method, interpolation=interpolation, antialias=antialias
         )
         models = tuple(
             ModelPlan(e, resolve_target(e.source, img_size=target_img, patch=target_patch, grid=target_grid))
@@ -243,6 +315,14 @@ def plan(
         )
         changes = tuple(c for m in models for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], patch_method))
         warnings = list(dict.fromkeys(e.note for e in embeddings if e.note))
+        sc = ckpt.sidecar
+        if sc is not None and changes and not Path(src).is_dir():
+            t = models[0].target
+            warnings.append(
+                f"{sc.path} is left as it is and still describes the old geometry; convert the folder "
+                f"(vitresize convert {sc.path.parent} OUT_DIR ...) to get one that says image "
+                f"{format_size(t.img_size)}, patch {format_size(t.patch)}"
+            )
         if not changes:
             warnings.append(
                 "nothing to resample: the target geometry equals the source; tensors are copied as they are"
@@ -375,10 +455,15 @@ def inspect(
             for info in tensors.values():
                 dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
             summaries.append(StateDictSummary(name, len(tensors), sum(t.numel for t in tensors.values()), dtypes))
+        sc = ckpt.sidecar
+        config = None
+        if sc is not None:
+            config = {"path": str(sc.path), "kind": sc.kind, "img_size": _list(sc.img_size), "patch": _list(sc.patch)}
         return Inspection(
             path=Path(src),
             format=ckpt.format,
-            size_bytes=Path(src).stat().st_size,
+            size_bytes=_size_of(Path(src)),
+            config=config,
             metadata=dict(ckpt.metadata),
             state_dicts=tuple(summaries),
             extras=tuple(ckpt.extras),

@@ -49,6 +49,16 @@ class Embedding:
     note: str | None = None
     nonfinite: dict[str, int] | None = None
     """NaN/Inf counts of the position table and patch kernel (``inspect`` only; ``None`` = not read)."""
+    native_method: str = "timm"
+    pos_layout: str = "1LD"  # or "LD": a 2-D table (CLIP)
+    patch_layout: str = "OIHW"  # or "HWIO" (JAX)
+    position_ids_key: str | None = None
+
+    @property
+    def kernel(self) -> Size:
+        """The source patch size, read from the kernel's shape."""
+        s = self.patch_shape
+        return (s[0], s[1]) if self.patch_layout == "HWIO" else (s[-2], s[-1])
 
     def to_dict(self) -> dict[str, Any]:
         g = self.source
@@ -62,7 +72,7 @@ class Embedding:
             "dtype": self.dtype,
             "prefix_tokens": list(self.prefix_keys),
             "grid": _size(g.grid) if g else None,
-            "patch": _size(g.patch) if g else [self.patch_shape[-2], self.patch_shape[-1]],
+            "patch": _size(g.patch if g else self.kernel),
             "img_size": _size(g.img_size) if g else None,
             "geometry_from": self.geometry_from,
             "note": self.note,
@@ -79,7 +89,7 @@ class TensorChange:
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
     dtype: str
-    op: str  # "pos_embed" | "patch_embed"
+    op: str  # "pos_embed" | "patch_embed" | "position_ids"
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,6 +282,8 @@ class Inspection:
     extras: tuple[str, ...]
     embeddings: tuple[Embedding, ...]
     warnings: tuple[str, ...] = ()
+    config: dict[str, Any] | None = None
+    """The sidecar ``config.json`` read: ``{"path", "kind", "img_size", "patch"}``."""
 
     @property
     def family(self) -> str | None:
@@ -292,5 +304,6 @@ class Inspection:
             "tensors": sum(s.tensors for s in self.state_dicts),
             "parameters": sum(s.parameters for s in self.state_dicts),
             "models": [e.to_dict() for e in self.embeddings],
+            "config": self.config,
             "warnings": list(self.warnings),
         }

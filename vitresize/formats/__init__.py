@@ -81,8 +81,21 @@ def sniff(path: Path) -> str:
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint lazily, whatever its extension says (a folder: safetensors shards + index)."""
+    """Open a checkpoint lazily, whatever its extension says (a folder: its weights files, index and config),
+    with the sidecar ``config.json`` beside it, if any."""
+    from .sidecar import find_sidecar
+
     p = Path(path)
+    ckpt = _open(p)
+    try:
+        ckpt.sidecar = find_sidecar(p)
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt
+
+
+def _open(p: Path) -> Checkpoint:
     if p.is_dir():
         from .folder import ShardedCheckpoint
 

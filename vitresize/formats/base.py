@@ -12,6 +12,8 @@ from ..keymaps import TensorInfo
 if TYPE_CHECKING:
     import torch
 
+    from .sidecar import Sidecar
+
 __all__ = ["ROOT", "Checkpoint", "nonfinite"]
 
 ROOT = ""
@@ -44,6 +46,8 @@ class Checkpoint(ABC):
     state_dicts: dict[str, dict[str, TensorInfo]]
     extras: list[str]
     lazy: bool
+    sidecar: Sidecar | None = None
+    """The ``config.json`` beside the file (or in the folder), set by :func:`open_checkpoint`."""
 
     @abstractmethod
     def tensor(self, state_dict: str, key: str) -> torch.Tensor:

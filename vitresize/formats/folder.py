@@ -1,4 +1,5 @@
-"""Sharded safetensors folders (``model.safetensors.index.json`` + shards, as Hugging Face writes them).
+"""Model folders: sharded safetensors (``model.safetensors.index.json`` + shards, as Hugging Face writes
+them), or one weights file (``model.safetensors``, ``pytorch_model.bin``) beside a ``config.json``.
 
 Read: the index maps every key to its shard; each shard is opened header-first, so a folder of any size
 is planned from its headers. Write: a folder out, built in a temp folder beside DST and renamed into place;
@@ -25,42 +26,68 @@ __all__ = ["ShardedCheckpoint", "find_index"]
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
-def find_index(folder: Path) -> Path:
-    """The one ``*.safetensors.index.json`` of a folder."""
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def find_index(folder: Path) -> Path | None:
+    """The one ``*.safetensors.index.json`` of a folder (``None`` if it has none)."""
     found = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)}"
+    if len(found) > 1:
         raise CheckpointFormatError(
-            f"{folder} is a folder with {what} *{INDEX_SUFFIX} file(s); pass the checkpoint file inside it, "
+            f"{folder} holds {len(found)} *{INDEX_SUFFIX} files; pass the checkpoint file inside it, "
             f"or a folder of safetensors shards with one index"
         )
-    return found[0]
+    return found[0] if found else None
+
+
+def _single_weights(folder: Path) -> Path:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHTS_SUFFIXES)
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    if len(safetensors) == 1:
+        return safetensors[0]
+    if not safetensors and len(files) == 1:
+        return files[0]
+    what = "no weights file" if not files else f"{len(files)} weights files and no *{INDEX_SUFFIX}"
+    raise CheckpointFormatError(
+        f"{folder} is a folder with {what}; pass the checkpoint file inside it, or a model folder "
+        f"(one weights file, or safetensors shards with their index)"
+    )
 
 
 class ShardedCheckpoint(Checkpoint):
-    """A folder of safetensors shards read through its index: one flat state dict across the shards."""
+    """A model folder: safetensors shards read through their index, or one weights file; one flat state
+    dict across the files."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder
-        self.format = "safetensors-sharded"
         self.lazy = True
         self.index_path = find_index(folder)
-        try:
-            index = json.loads(self.index_path.read_text())
-            weight_map: dict[str, str] = dict(index["weight_map"])
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointFormatError(
-                f"{self.index_path} is not a valid index (no weight_map of key -> file)"
-            ) from None
-        self.index: dict[str, Any] = index
-        self.shards: dict[str, SafetensorsCheckpoint] = {}
-        for name in dict.fromkeys(weight_map.values()):
-            file = folder / name
-            if Path(name).name != name or not file.is_file():
-                raise CheckpointFormatError(f"{self.index_path} names shard {name!r}, which is not a file in {folder}")
-            self.shards[name] = SafetensorsCheckpoint(file)
+        self.index: dict[str, Any] = {}
+        self.shards: dict[str, Checkpoint] = {}
+        if self.index_path is None:
+            self.format = "folder"
+            weights = _single_weights(folder)
+            from . import _open
+
+            shard = _open(weights)
+            self.shards[weights.name] = shard
+            if list(shard.state_dicts) != [ROOT]:
+                shard.close()
+                raise CheckpointFormatError(
+                    f"{weights} is a training container, not a flat state dict; pass the file itself "
+                    f"(a model folder holds the model's weights only)"
+                )
+            weight_map = dict.fromkeys(shard.state_dicts[ROOT], weights.name)
+        else:
+            self.format = "safetensors-sharded"
+            weight_map = self._read_index(self.index_path)
+            for name in dict.fromkeys(weight_map.values()):
+                file = folder / name
+                if Path(name).name != name or not file.is_file():
+                    raise CheckpointFormatError(
+                        f"{self.index_path} names shard {name!r}, which is not a file in {folder}"
+                    )
+                self.shards[name] = SafetensorsCheckpoint(file)
         self.shard_of: dict[str, str] = {}
         infos: dict[str, TensorInfo] = {}
         for name, shard in self.shards.items():
@@ -77,6 +104,17 @@ class ShardedCheckpoint(Checkpoint):
         self.state_dicts = {ROOT: infos}
         self.metadata = {}
         self.extras = []
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            index = json.loads(path.read_text())
+            weight_map: dict[str, str] = dict(index["weight_map"])
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointFormatError(f"{path} is not a valid index (no weight_map of key -> file)") from None
+        self.index = index
+        return weight_map
 
     def tensor(self, state_dict: str, key: str) -> torch.Tensor:
         return self.shards[self.shard_of[key]].tensor(ROOT, key)

@@ -314,7 +314,9 @@ def write_safetensors(
         else:
             produced.append((s, at))
         at += s.nbytes
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    # No O_TRUNC: DST is a fresh temp file, and truncating an existing file makes ext4 (auto_da_alloc)
+    # push all of its delayed blocks to disk on close, which cost ~1 s per 4 GB here. ftruncate sizes it.
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o666)
     stop = threading.Event()
     failure: list[BaseException] = []
 

@@ -378,7 +378,10 @@ def save_container(
     """
     import torch
 
-    with open(dst, "wb") as f:
+    # Opened without truncation (O_TRUNC): see write_safetensors; DST is a fresh temp file.
+    with os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o666), "wb") as f:
+        if os.fstat(f.fileno()).st_size:
+            f.truncate(0)
         sink = _Sink(f, sources, progress)
         try:
             torch.save(obj, sink)  # type: ignore[arg-type]

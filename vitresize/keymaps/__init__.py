@@ -9,12 +9,19 @@ from collections.abc import Mapping
 
 from ..errors import UsageError
 from .base import Found, KeyMap, TensorInfo, find_in
+from .dinov2 import DINOV2
+from .hf import HF_CLIP, HF_VIT
+from .jax import BIG_VISION, VIT_JAX
+from .open_clip import OPEN_CLIP
 from .timm import TIMM
 from .torchvision import TORCHVISION
 
 __all__ = ["KEYMAPS", "Found", "KeyMap", "TensorInfo", "find_vits"]
 
-KEYMAPS: dict[str, KeyMap] = {km.family: km for km in (TIMM, TORCHVISION)}
+# Most specific first: a table matched by two maps (DINOv2's also looks like timm's) goes to the first.
+KEYMAPS: dict[str, KeyMap] = {
+    km.family: km for km in (DINOV2, TIMM, TORCHVISION, HF_VIT, HF_CLIP, OPEN_CLIP, VIT_JAX, BIG_VISION)
+}
 
 
 def find_vits(tensors: Mapping[str, TensorInfo], family: str = "auto") -> tuple[list[Found], list[str]]:
@@ -33,6 +40,7 @@ def find_vits(tensors: Mapping[str, TensorInfo], family: str = "auto") -> tuple[
     misses: list[str] = []
     for km in keymaps:
         f, m = find_in(tensors, km)
-        found += f
+        taken = {x.pos_key for x in found}
+        found += [x for x in f if x.pos_key not in taken]
         misses += m
     return found, misses

@@ -29,12 +29,22 @@ class KeyMap:
 
     Attributes:
         family: the name users pass to ``--family``.
-        pos_embed: the position table, ``[1, prefix + H*W, D]``.
-        patch_embed: the conv patch-embedding kernel, ``[D, C, ph, pw]``.
-        tokens: prefix-token parameters whose rows lead the position table, in table order.
+        pos_embed: the position table, ``[1, prefix + H*W, D]`` (``pos_layout="LD"``: ``[prefix + H*W, D]``).
+        patch_embed: the conv patch-embedding kernel, ``[D, C, ph, pw]`` (``patch_layout="HWIO"``:
+            ``[ph, pw, C, D]``, as JAX stores it).
+        tokens: prefix-token parameters whose rows lead the position table, in table order. Tokens that live
+            outside the table (DINOv2 registers, a big_vision class token) are not listed.
         native_method: the interpolation convention of the family's own library.
         no_embed_class: the table may leave the prefix tokens out (timm ``no_embed_class=True``).
         description: one line for docs and ``--help``.
+        sep: the separator of key paths (``/`` in JAX ``.npz`` files).
+        requires: keys that must exist beside the table for the map to apply (tells apart families that
+            share key names, e.g. DINOv2's ``mask_token``).
+        native_when: ``(key, method)``: a key whose presence selects another native method (HF DINOv2 with
+            registers antialiases, without it does not).
+        position_ids: an integer buffer ``[1, rows]`` that counts the table's rows (older HF CLIP files); it
+            is rewritten to count the new rows.
+        sidecar: the sidecar ``config.json`` kind that goes with this family (``hf`` or ``timm``).
     """
 
     family: str
@@ -44,6 +54,30 @@ class KeyMap:
     native_method: str
     no_embed_class: bool = False
     description: str = ""
+    sep: str = "."
+    pos_layout: str = "1LD"
+    patch_layout: str = "OIHW"
+    requires: tuple[str, ...] = ()
+    native_when: tuple[tuple[str, str], ...] = ()
+    position_ids: str | None = None
+    sidecar: str = "timm"
+
+    def pos_rows(self, shape: tuple[int, ...]) -> int | None:
+        """Rows of a position table of this layout, or ``None`` if the shape is not one."""
+        if self.pos_layout == "LD":
+            return shape[0] if len(shape) == 2 else None
+        return shape[1] if len(shape) == 3 and shape[0] == 1 else None
+
+    def pos_shape(self, rows: int, dim: int) -> tuple[int, ...]:
+        return (rows, dim) if self.pos_layout == "LD" else (1, rows, dim)
+
+    def kernel_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(ph, pw)`` of a patch kernel of this layout."""
+        return (shape[0], shape[1]) if self.patch_layout == "HWIO" else (shape[-2], shape[-1])
+
+    def kernel_shape(self, shape: tuple[int, ...], patch: tuple[int, int]) -> tuple[int, ...]:
+        """The kernel's shape at another patch size."""
+        return (*patch, *shape[2:]) if self.patch_layout == "HWIO" else (*shape[:2], *patch)
 
 
 @dataclass(frozen=True)
@@ -56,6 +90,13 @@ class Found:
     patch_key: str
     token_keys: tuple[str, ...]
     token_rows: int
+
+    def native_method(self, tensors: Mapping[str, TensorInfo]) -> str:
+        """The family's own convention for this model (some depend on which tokens it has)."""
+        for key, method in self.keymap.native_when:
+            if self.prefix + key in tensors:
+                return method
+        return self.keymap.native_method
 
     def prefix_candidates(self) -> tuple[int, ...]:
         """Prefix-row counts the evidence allows, most likely first."""
@@ -78,21 +119,25 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
     """
     found: list[Found] = []
     misses: list[str] = []
-    suffix = "." + keymap.pos_embed
+    suffix = keymap.sep + keymap.pos_embed
     for key, info in tensors.items():
         if key != keymap.pos_embed and not key.endswith(suffix):
             continue
         prefix = key[: len(key) - len(keymap.pos_embed)]
+        if any(prefix + r not in tensors for r in keymap.requires):
+            continue
         patch_key = prefix + keymap.patch_embed
-        if len(info.shape) != 3 or info.shape[0] != 1:
-            misses.append(f"{key} has shape {list(info.shape)}, not [1, tokens, dim]")
+        if keymap.pos_rows(info.shape) is None:
+            want = "[tokens, dim]" if keymap.pos_layout == "LD" else "[1, tokens, dim]"
+            misses.append(f"{key} has shape {list(info.shape)}, not {want}")
             continue
         patch = tensors.get(patch_key)
         if patch is None:
             misses.append(f"{key} has no patch kernel {patch_key}")
             continue
         if len(patch.shape) != 4:
-            misses.append(f"{patch_key} has shape {list(patch.shape)}, not [dim, channels, ph, pw]")
+            want = "[ph, pw, channels, dim]" if keymap.patch_layout == "HWIO" else "[dim, channels, ph, pw]"
+            misses.append(f"{patch_key} has shape {list(patch.shape)}, not {want}")
             continue
         token_keys = tuple(prefix + t for t in keymap.tokens if prefix + t in tensors)
         rows = sum(_rows(tensors[k]) for k in token_keys)

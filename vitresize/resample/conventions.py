@@ -13,6 +13,8 @@ from ..errors import UsageError
 __all__ = [
     "INTERPOLATIONS",
     "METHODS",
+    "PATCH_BASES",
+    "PATCH_BASIS",
     "PATCH_METHODS",
     "Convention",
     "resolve_conventions",
@@ -25,11 +27,18 @@ _SMOOTH = ("bicubic", "bilinear")
 
 @dataclass(frozen=True)
 class Convention:
-    """The arguments of one ``F.interpolate`` call: mode, antialias, align_corners (``None`` = torch default)."""
+    """The arguments of one ``F.interpolate`` call: mode, antialias, align_corners (``None`` = torch default).
+
+    ``scale_offset`` (DINOv2's hub code): interpolate by ``scale_factor = (new + offset) / old`` instead of to
+    a size. ``float64``: compute in float64 (``scipy.ndimage.zoom``, which big_vision and vit_jax use, works
+    in double precision; float32 would be off by ~3e-6).
+    """
 
     interpolation: str = "bicubic"
     antialias: bool = False
     align_corners: bool | None = None
+    scale_offset: float | None = None
+    float64: bool = False
 
     def describe(self) -> str:
         parts = [self.interpolation]
@@ -37,20 +46,41 @@ class Convention:
             parts.append("antialias")
         if self.align_corners:
             parts.append("align_corners")
+        if self.scale_offset is not None:
+            parts.append(f"scale_factor (n+{self.scale_offset})/n")
+        if self.float64:
+            parts.append("float64")
         return ", ".join(parts)
 
 
+_TIMM = Convention("bicubic", antialias=True, align_corners=None)
+_HF = Convention("bicubic", antialias=False, align_corners=False)
+
 METHODS: dict[str, Convention] = {
     # timm checkpoint_filter_fn -> resample_abs_pos_embed (also open_clip, DINOv2-reg, HF DINOv2-reg)
-    "timm": Convention("bicubic", antialias=True, align_corners=None),
+    "timm": _TIMM,
     # torchvision.models.vision_transformer.interpolate_embeddings
     "torchvision": Convention("bicubic", antialias=False, align_corners=True),
-    # DeiT / MAE / BEiT --finetune code and HF ViT interpolate_pos_encoding
-    "deit": Convention("bicubic", antialias=False, align_corners=False),
+    # DeiT / MAE / BEiT --finetune code
+    "deit": _HF,
+    # Hugging Face interpolate_pos_encoding of ViT, DeiT, DINOv2, CLIP, SigLIP
+    "hf": _HF,
+    # Hugging Face Dinov2WithRegistersModel (antialiased)
+    "hf-dinov2-reg": _TIMM,
+    # open_clip resize_pos_embed
+    "open_clip": _TIMM,
+    # DINOv2 hub models without registers: scale_factor (n + 0.1) / n, bicubic
+    "dinov2": Convention("bicubic", antialias=False, scale_offset=0.1),
+    # DINOv2 hub models with registers: to the size, antialiased
+    "dinov2-reg": _TIMM,
+    # vit_jax load_pretrained / big_vision resample_posemb: scipy.ndimage.zoom(order=1), corner-aligned
+    "big_vision": Convention("bilinear", antialias=False, align_corners=True, float64=True),
 }
 
-# The basis of the FlexiViT PI-resize as timm builds it (resample_patch_embed).
+# The basis of the FlexiViT PI-resize as timm builds it (resample_patch_embed) ...
 PATCH_BASIS = Convention("bicubic", antialias=True, align_corners=False)
+# ... and as big_vision's FlexiViT does (tf.image.resize bilinear: half-pixel centres, no antialias).
+PATCH_BASES: dict[str, Convention] = {"big_vision": Convention("bilinear", antialias=False, align_corners=False)}
 
 
 def _override(base: Convention, interpolation: str | None, antialias: bool | None) -> Convention:
@@ -64,7 +94,7 @@ def _override(base: Convention, interpolation: str | None, antialias: bool | Non
     if conv.interpolation not in _SMOOTH:
         if antialias:
             raise UsageError(f"--antialias works only with bicubic or bilinear, not {conv.interpolation}")
-        conv = replace(conv, antialias=False, align_corners=None)
+        conv = replace(conv, antialias=False, align_corners=None, float64=False)
     return conv
 
 
@@ -89,4 +119,5 @@ def resolve_conventions(
     name = native if method == "native" else method
     if name not in METHODS:
         raise UsageError(f"--method {method!r} is not one of native, {', '.join(METHODS)}")
-    return name, _override(METHODS[name], interpolation, antialias), _override(PATCH_BASIS, interpolation, antialias)
+    basis = PATCH_BASES.get(name, PATCH_BASIS)
+    return name, _override(METHODS[name], interpolation, antialias), _override(basis, interpolation, antialias)

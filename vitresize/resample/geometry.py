@@ -78,6 +78,7 @@ def infer_source_grid(
     from_grid: Size | None = None,
     from_img_size: Size | None = None,
     hint: Size | None = None,
+    hint_from: str = "metadata",
 ) -> tuple[Size, int, str]:
     """Find the source grid and the number of prefix rows of a position table.
 
@@ -88,7 +89,9 @@ def infer_source_grid(
         pos_key: the table's key, for messages.
         from_grid: the source grid given by the user.
         from_img_size: the source image size given by the user.
-        hint: a grid recorded in the file's metadata; used only when it explains the token count.
+        hint: a grid recorded in the file's metadata or sidecar config; used only when it explains the
+            token count.
+        hint_from: where ``hint`` comes from, returned as the source.
 
     Returns:
         ``(grid, prefix_rows, source)`` where ``source`` says where the grid came from.
@@ -117,7 +120,7 @@ def infer_source_grid(
     if hint is not None:
         for p in prefix_candidates:
             if num_rows - p == hint[0] * hint[1]:
-                return hint, p, "metadata"
+                return hint, p, hint_from
     for p in prefix_candidates:
         n = num_rows - p
         side = math.isqrt(n) if n > 0 else 0

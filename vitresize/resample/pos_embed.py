@@ -60,15 +60,35 @@ def resample_pos_embed(
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     dim = posemb.shape[-1]
     orig_dtype = posemb.dtype
-    grid = grid.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(
-        grid,
-        size=tuple(new_grid),
-        mode=convention.interpolation,
-        align_corners=convention.align_corners,
-        antialias=convention.antialias,
-    )
+    work = torch.float64 if convention.float64 else torch.float32
+    grid = grid.to(work).reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = _interpolate(grid, old_grid, new_grid, convention)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(orig_dtype)
     if num_prefix_tokens == 0:
         return grid
     return torch.cat([prefix, grid], dim=1)
+
+
+def _interpolate(grid: torch.Tensor, old_grid: Size, new_grid: Size, convention: Convention) -> torch.Tensor:
+    if convention.scale_offset is None:
+        return F.interpolate(
+            grid,
+            size=tuple(new_grid),
+            mode=convention.interpolation,
+            align_corners=convention.align_corners,
+            antialias=convention.antialias,
+        )
+    # DINOv2's hub code: scale_factor = (new + offset) / old, per axis (in (h, w) order; the hub code passes
+    # them as (w, h), the same thing for the square grids it supports).
+    off = convention.scale_offset
+    scale = ((new_grid[0] + off) / old_grid[0], (new_grid[1] + off) / old_grid[1])
+    out = F.interpolate(
+        grid,
+        scale_factor=scale,
+        mode=convention.interpolation,
+        align_corners=convention.align_corners,
+        antialias=convention.antialias,
+    )
+    if tuple(out.shape[-2:]) != tuple(new_grid):
+        raise ValueError(f"scale_factor interpolation gave a {tuple(out.shape[-2:])} grid, not {tuple(new_grid)}")
+    return out
