@@ -54,6 +54,7 @@ format: install
 
 fixtures: install
 	$(BIN)/python fixtures/make_fixtures.py
+	$(BIN)/python fixtures/make_families.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .mypy_cache

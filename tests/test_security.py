@@ -55,13 +55,14 @@ def test_torchscript_is_refused(run: Any, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "TorchScript" in res.stderr and "state_dict" in res.stderr
 
 
-def test_npz_is_named(run: Any, tmp_path: Path) -> None:
+def test_npz_object_arrays_are_refused_without_unpickling(run: Any, tmp_path: Path) -> None:
+    """An .npz member holding a pickled object array is named and refused; nothing is unpickled."""
     import numpy as np
 
     path = tmp_path / "vit.npz"
-    np.savez(path, **{"embedding/kernel": np.zeros((8, 8, 3, 16), np.float32)})
+    np.savez(path, **{"embedding/kernel": np.zeros((8, 8, 3, 16), np.float32), "evil": np.array([{}], dtype=object)})
     res = run("inspect", path)
-    assert res.exit_code == 1 and ".npz" in res.stderr
+    assert res.exit_code == 1 and "'evil'" in res.stderr and "pickle" in res.stderr
 
 
 def test_safetensors_header_pointing_outside_is_refused(run: Any, tmp_path: Path) -> None:

@@ -190,8 +190,9 @@ def _write_safetensors(
                     )
                 else:
                     segments.append(_tensor_segment(ckpt, name, key))
-        else:  # pragma: no cover - every reader is one of the above
-            raise CheckpointFormatError(f"cannot write {ckpt.format} input as .safetensors")
+        else:  # any other reader (.npz): one flat state dict, each tensor read when written
+            for key in ckpt.state_dicts[name]:
+                segments.append(planned(key) if (name, key) in resampled.changes else _tensor_segment(ckpt, name, key))
         metadata = {"format": "pt", **ckpt.metadata, **_provenance(plan)}
         written = write_safetensors(tmp, segments, metadata, progress)
     finally:
@@ -235,8 +236,10 @@ def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, pro
         container = OrderedDict(
             (k, repl[(ROOT, k)] if (ROOT, k) in repl else ckpt.mapped_tensor(k)) for k in ckpt.entries
         )
-    else:  # pragma: no cover - every reader is one of the above
-        raise CheckpointFormatError(f"cannot write {ckpt.format} input as .pth")
+    else:  # any other reader (.npz): one flat state dict
+        container = OrderedDict(
+            (k, repl[(ROOT, k)] if (ROOT, k) in repl else ckpt.tensor(ROOT, k)) for k in ckpt.state_dicts[ROOT]
+        )
     save_container(container, tmp, progress, sources=(ckpt.path,))
     # Re-read what was written (mmap: headers and shapes only) and check it against the plan.
     got = {
@@ -250,6 +253,14 @@ def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, pro
     if got != want:
         raise VitresizeError(f"internal check failed: {tmp} does not hold the planned tensors (a vitresize bug)")
     return tmp.stat().st_size
+
+
+def _write_npz(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, progress: Progress | None) -> int:
+    from .formats.npz import NpzCheckpoint, write_npz
+
+    if not isinstance(ckpt, NpzCheckpoint):
+        raise UsageError(f"a .npz output needs a .npz input (JAX layout); write {ckpt.format} input as .safetensors")
+    return write_npz(ckpt, {k: t for (_, k), t in repl.items()}, tmp, progress)
 
 
 def _report(
@@ -348,6 +359,8 @@ def execute(
         with atomic_path(dst, force=force, fsync=fsync) as tmp:
             if fmt == "safetensors":
                 written = _write_safetensors(plan, ckpt, sds[0], resampled, tmp, tick)
+            elif fmt == "npz":
+                written = _write_npz(ckpt, resampled(), tmp, tick)
             else:
                 written = _write_torch(ckpt, resampled(), tmp, tick)
             if verify:

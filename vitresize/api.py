@@ -154,6 +154,20 @@ def _sidecar_grid(ckpt: Checkpoint, kernel: Size) -> Size | None:
     return (img[0] // kernel[0], img[1] // kernel[1])
 
 
+def _check_config_can_say(ckpt: Checkpoint, models: tuple[ModelPlan, ...], *, folder: bool) -> None:
+    """A folder's config.json must be able to state the target: HF CLIP and SigLIP take one square size."""
+    if not folder or ckpt.sidecar is None or ckpt.sidecar.kind != "hf":
+        return
+    for m in models:
+        img = m.target.img_size
+        if m.embedding.family == "hf-clip" and (img[0] != img[1] or m.target.patch[0] != m.target.patch[1]):
+            raise UsageError(
+                f"Hugging Face CLIP/SigLIP models take one square image_size and patch_size, so {ckpt.sidecar.path} "
+                f"cannot say {format_size(img)}; choose a square --img-size (or convert the weights file alone "
+                f"and resample at run time with interpolate_pos_encoding=True)"
+            )
+
+
 def _list(size: Size | None) -> list[int] | None:
     return None if size is None else [size[0], size[1]]
 
@@ -314,6 +328,7 @@ def plan(
             if e.source is not None
         )
         changes = tuple(c for m in models for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], patch_method))
+        _check_config_can_say(ckpt, models, folder=Path(src).is_dir())
         warnings = list(dict.fromkeys(e.note for e in embeddings if e.note))
         sc = ckpt.sidecar
         if sc is not None and changes and not Path(src).is_dir():

@@ -21,6 +21,7 @@ OUTPUT_FORMATS: dict[str, str] = {
     ".pt": "torch",
     ".bin": "torch",
     ".ckpt": "torch",
+    ".npz": "npz",
 }
 
 
@@ -40,12 +41,12 @@ def _zip_kind(path: Path) -> str:
     if any(n.endswith("data.pkl") for n in names):
         return "torch-zip"
     if names and all(n.endswith(".npy") for n in names):
-        raise CheckpointFormatError(f"{path} is a NumPy .npz archive; JAX .npz checkpoints are not supported yet")
+        return "npz"
     raise CheckpointFormatError(f"{path} is a zip archive but not a torch checkpoint (no data.pkl inside)")
 
 
 def sniff(path: Path) -> str:
-    """The format of ``path`` from its content: ``safetensors``, ``torch-zip`` or ``torch-legacy``.
+    """The format of ``path`` from its content: ``safetensors``, ``torch-zip``, ``torch-legacy`` or ``npz``.
 
     Raises:
         CheckpointFormatError: missing, unreadable, empty, a folder, or no known format.
@@ -105,16 +106,21 @@ def _open(p: Path) -> Checkpoint:
         from .safetensors import SafetensorsCheckpoint
 
         return SafetensorsCheckpoint(p)
+    if kind == "npz":
+        from .npz import NpzCheckpoint
+
+        return NpzCheckpoint(p)
     from .torch_pickle import TorchCheckpoint
 
     return TorchCheckpoint(p, zip_format=kind == "torch-zip")
 
 
 def output_format(dst: str | Path) -> str:
-    """``"safetensors"`` or ``"torch"``, from the destination's extension."""
+    """``"safetensors"``, ``"torch"`` or ``"npz"``, from the destination's extension."""
     suffix = Path(dst).suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise UsageError(
-            f"cannot tell the output format of {dst} from its extension; end it with .safetensors or .pth/.pt/.bin"
+            f"cannot tell the output format of {dst} from its extension; end it with .safetensors, .pth/.pt/.bin "
+            f"or .npz"
         )
     return OUTPUT_FORMATS[suffix]

@@ -1,0 +1,147 @@
+"""JAX ``.npz`` checkpoints (vit_jax, big_vision): a zip of ``.npy`` members named by ``/``-separated paths.
+
+Read: member headers only (``np.lib.format``), never pickles (``allow_pickle=False``); arrays are read one
+at a time when used. big_vision stores bfloat16 as raw 2-byte arrays (``|V2``); they read as bfloat16 and
+are written back as raw 2-byte arrays. Write: an ``.npz`` in the input's member order and compression, the
+unchanged members' array bytes copied as they are, the JAX layout (HWIO kernels) kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CheckpointFormatError
+from ..keymaps import TensorInfo
+from .base import ROOT, Checkpoint
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .safetensors import Progress
+
+__all__ = ["NpzCheckpoint", "write_npz"]
+
+_RAW_BF16 = "V2"
+_NAMES = {
+    "float16": "float16",
+    "float32": "float32",
+    "float64": "float64",
+    "bfloat16": "bfloat16",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "bool": "bool",
+}
+
+
+def _dtype_name(dtype: np.dtype[Any]) -> str | None:
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
+        return "bfloat16"  # big_vision's raw bfloat16
+    return _NAMES.get(dtype.name)
+
+
+def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    import numpy as np
+
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy version {version}")
+
+
+class NpzCheckpoint(Checkpoint):
+    """A ``.npz`` file: one flat state dict of ``/``-separated keys, read member by member."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.format = "npz"
+        self.lazy = True
+        self.metadata = {}
+        self.extras = []
+        self.members: dict[str, zipfile.ZipInfo] = {}
+        self.raw_bf16: set[str] = set()
+        infos: dict[str, TensorInfo] = {}
+        try:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    if not info.filename.endswith(".npy"):
+                        raise CheckpointFormatError(f"{path}: member {info.filename!r} is not a .npy array")
+                    key = info.filename[: -len(".npy")]
+                    with z.open(info) as f:
+                        shape, _fortran, dtype = _read_header(f)
+                    name = _dtype_name(dtype)
+                    if name is None:
+                        raise CheckpointFormatError(
+                            f"{path}: array {key!r} has dtype {dtype} (object arrays need pickle, which vitresize "
+                            f"never loads; other dtypes are not weights)"
+                        )
+                    if dtype.kind == "V":
+                        self.raw_bf16.add(key)
+                    self.members[key] = info
+                    infos[key] = TensorInfo(tuple(int(s) for s in shape), name)
+        except CheckpointFormatError:
+            raise
+        except Exception as e:  # zipfile and np.lib.format raise many kinds on garbage
+            raise CheckpointFormatError(f"cannot read {path} as .npz: {e} (truncated or corrupt?)") from None
+        self.state_dicts = {ROOT: infos}
+
+    def array(self, key: str) -> np.ndarray[Any, Any]:
+        """One array as stored (raw bfloat16 as ``|V2``), read with ``allow_pickle=False``."""
+        import numpy as np
+
+        try:
+            with zipfile.ZipFile(self.path) as z, z.open(self.members[key]) as f:
+                arr: np.ndarray[Any, Any] = np.lib.format.read_array(f, allow_pickle=False)
+        except Exception as e:
+            raise CheckpointFormatError(f"{self.path}: cannot read array {key!r}: {e}") from None
+        return arr
+
+    def tensor(self, state_dict: str, key: str) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        arr = np.ascontiguousarray(self.array(key))
+        if key in self.raw_bf16:
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(arr)
+
+
+def _to_numpy(t: torch.Tensor, raw_bf16: bool) -> np.ndarray[Any, Any]:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        arr = t.view(torch.int16).numpy()
+        return arr.view(_RAW_BF16)  # raw 2-byte arrays, as big_vision writes them
+    return t.numpy()
+
+
+def write_npz(
+    ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor], dst: Path, progress: Progress | None = None
+) -> int:
+    """Write ``ckpt`` to ``dst`` with the ``changed`` arrays replaced; every other member's array bytes
+    are copied as they are. Returns the bytes written."""
+    import numpy as np
+
+    with zipfile.ZipFile(ckpt.path) as zin, zipfile.ZipFile(dst, "w", allowZip64=True) as zout:
+        for key, info in ckpt.members.items():
+            out = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            out.compress_type = info.compress_type
+            out.external_attr = info.external_attr
+            if key in changed:
+                with zout.open(out, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, _to_numpy(changed[key], key in ckpt.raw_bf16), allow_pickle=False)
+            else:
+                with zin.open(info) as fi, zout.open(out, "w", force_zip64=True) as fo:
+                    shutil.copyfileobj(fi, fo, 16 * 1024 * 1024)
+            if progress:
+                progress(info.file_size)
+    return dst.stat().st_size
