@@ -313,3 +313,45 @@ def test_inspect_names_family_and_config() -> None:
     assert ins.family == "hf-clip" and ins.config is not None and ins.config["kind"] == "hf"
     assert ins.embeddings[0].pos_key == "vision_model.embeddings.position_embedding.weight"
     assert load_any  # fixture loader stays importable
+
+
+# ---------------------------------------------------------------- timm hub folders
+
+
+@pytest.mark.parametrize("img,safe", [(48, False), ((32, 48), False), (48, "both")])
+def test_timm_hub_folder_config_is_updated_and_loads(img: Any, safe: Any, tmp_path: Path) -> None:
+    """A folder saved by timm's ``save_for_hf``: ``pretrained_cfg.input_size`` and ``model_args`` get the new
+    size, and ``timm.create_model("local-dir:...")`` builds the new-size model and loads it."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    args = {"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2, "num_classes": 10}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **args)
+    save_for_hf(model, tmp_path / "src", model_args=args, safe_serialization=safe)
+    rep = vitresize.convert(tmp_path / "src", tmp_path / "out", img_size=img if isinstance(img, int) else "32x48")
+    assert rep.plan.models[0].embedding.geometry_from == "config.json"
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    h, w = _hw(img)
+    assert cfg["pretrained_cfg"]["input_size"] == [3, h, w]
+    new = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert tuple(new.patch_embed.img_size) == (h, w)
+    if safe == "both":  # the safetensors copy is converted, the stale .bin copy left out and reported
+        assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+        assert any("pytorch_model.bin" in x for x in rep.left_out)
+        got = load_file(tmp_path / "out" / "model.safetensors")
+    else:
+        got = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
+    want = resample_abs_pos_embed(model.pos_embed.detach(), [h // 8, w // 8], [4, 4], num_prefix_tokens=1)
+    assert torch.equal(got["pos_embed"], want) and torch.equal(new.pos_embed.detach(), want)
+
+
+@pytest.mark.parametrize("file", list(make_families.NPZ))
+def test_npz_method_timm_matches_timm(file: str, tmp_path: Path) -> None:
+    layout, prefix = make_families.NPZ[file]
+    out = tmp_path / "o.npz"
+    vitresize.convert(FAM / file, out, img_size=48, method="timm")
+    key = prefix + ("pos_embedding" if layout == "big_vision" else "Transformer/posembed_input/pos_embedding")
+    src = torch.from_numpy(np.load(FAM / file)[key])
+    want = resample_abs_pos_embed(src, [6, 6], [4, 4], num_prefix_tokens=0 if layout == "big_vision" else 1)
+    assert torch.equal(torch.from_numpy(np.load(out)[key]), want)

@@ -395,5 +395,9 @@ def _execute_folder(
     except OSError as e:
         raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
     resampled()
-    rep = _report(plan, dst, "folder", written, (ROOT,), [], warnings=resampled.warnings, verified=verified)
+    left = [
+        f"{name} (another copy of the weights; only {next(iter(ckpt.shards))} was converted)"
+        for name in ckpt.duplicates
+    ]
+    rep = _report(plan, dst, "folder", written, (ROOT,), left, warnings=resampled.warnings, verified=verified)
     return dataclasses.replace(rep, rewritten=tuple(rewritten), copied=tuple(copied))

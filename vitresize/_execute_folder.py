@@ -57,7 +57,7 @@ def write_folder(
                     keys = {k for (sd, k) in resampled.changes if ckpt.shard_of.get(k) == item.name}
                     v = verify_output(shard, out, fmt, (ROOT,), {(ROOT, k) for k in keys})
                     checked[0], checked[1] = checked[0] + v.tensors, checked[1] + v.bytes
-            elif item == ckpt.index_path:
+            elif item == ckpt.index_path or item.name in ckpt.duplicates:
                 continue
             elif sidecar is not None and item == sidecar.path:
                 target = plan.models[0].target

@@ -40,13 +40,15 @@ def find_index(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _single_weights(folder: Path) -> Path:
+def _single_weights(folder: Path) -> tuple[Path, list[Path]]:
+    """The weights file of a folder without index, and the other copies of the weights beside it (a hub
+    folder often holds both ``model.safetensors`` and ``pytorch_model.bin``; the safetensors one is used)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHTS_SUFFIXES)
     safetensors = [p for p in files if p.suffix == ".safetensors"]
     if len(safetensors) == 1:
-        return safetensors[0]
+        return safetensors[0], [p for p in files if p != safetensors[0]]
     if not safetensors and len(files) == 1:
-        return files[0]
+        return files[0], []
     what = "no weights file" if not files else f"{len(files)} weights files and no *{INDEX_SUFFIX}"
     raise CheckpointFormatError(
         f"{folder} is a folder with {what}; pass the checkpoint file inside it, or a model folder "
@@ -63,10 +65,12 @@ class ShardedCheckpoint(Checkpoint):
         self.lazy = True
         self.index_path = find_index(folder)
         self.index: dict[str, Any] = {}
+        self.duplicates: list[str] = []  # other weights files, left out of a folder output
         self.shards: dict[str, Checkpoint] = {}
         if self.index_path is None:
             self.format = "folder"
-            weights = _single_weights(folder)
+            weights, others = _single_weights(folder)
+            self.duplicates = [p.name for p in others]
             from . import _open
 
             shard = _open(weights)
