@@ -285,13 +285,13 @@ def huge(folder: Path) -> None:
         subprocess.run([PY, __file__, "--make", HUGE.name, "--dir", str(folder)], check=True)
     used = src.stat().st_blocks * 512
     print(f"{HUGE.name}: {total / 1e9:.1f} GB file, {used / MIB:.0f} MiB on disk (sparse), RAM {_ram() / 1e9:.0f} GB")
-    dst = folder / "vit_22b_384.safetensors"
+    dst = folder / "vit_22b_392.safetensors"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         torch_base = measure([PY, "-c", "import torch"], 1)
-        run = measure([*VITRESIZE, "convert", str(src), str(dst), "--img-size", "384", "--force", "-q"], 1, env, [dst])
+        run = measure([*VITRESIZE, "convert", str(src), str(dst), "--img-size", "392", "--force", "-q"], 1, env, [dst])
         print(
-            f"vitresize convert 224->384: {run.wall:.1f} s, peak RSS {run.rss / MIB:.0f} MiB "
+            f"vitresize convert 224->392: {run.wall:.1f} s, peak RSS {run.rss / MIB:.0f} MiB "
             f"({(run.rss - torch_base.rss) / MIB:+.0f} MiB over import torch; {run.rss / total:.4f} of the file size)"
         )
         print(f"output {dst.stat().st_size / 1e9:.1f} GB, {dst.stat().st_blocks * 512 / MIB:.0f} MiB on disk")

@@ -92,19 +92,25 @@ def test_hf_folder_native_matches_interpolate_pos_encoding_and_loads(name: str, 
     patch = (cfg.get("vision_config") or cfg)["patch_size"]
     img, new_patch = (TARGETS_7 if patch == 7 else TARGETS_8)[target]
     out = tmp_path / "out"
+    h, w = _hw(img)
+    grid = (h // new_patch, w // new_patch)
     if name in ("hf_clip", "hf_siglip") and not isinstance(img, int):  # their configs take one square size
         with pytest.raises(UsageError, match="square image_size"):
             vitresize.convert(src, out, **_kw(img, new_patch))
         assert not out.exists()
+        # The weights file alone converts (its config left as it is), to what the model computes at run time.
+        vitresize.convert(src / "model.safetensors", tmp_path / "o.safetensors", **_kw(img, new_patch))
+        got = load_file(tmp_path / "o.safetensors")
+        want = _hf_native(name, (grid[0] * patch, grid[1] * patch))
+        _close(got[_pos_key(got)].reshape(want.shape), want)
         return
     rep = vitresize.convert(src, out, **_kw(img, new_patch))
     assert rep.dst_format == "folder" and "config.json" in rep.rewritten
     got = load_file(out / "model.safetensors")
     key = _pos_key(got)
-    h, w = _hw(img)
-    if new_patch == patch:  # the model's own interpolation at the new size
-        want = _hf_native(name, (h, w))
-        _close(got[key].reshape(want.shape), want)
+    # The source model's own interpolation to the new grid (at new patch sizes too: same grid, same table).
+    want = _hf_native(name, (grid[0] * patch, grid[1] * patch))
+    _close(got[key].reshape(want.shape), want)
     # from_pretrained on the output folder: the config says the new size, every key fits.
     new_cfg = json.loads((out / "config.json").read_text())
     vcfg = new_cfg.get("vision_config") or new_cfg
@@ -191,10 +197,9 @@ def test_open_clip_native_matches_resize_pos_embed_and_loads_strict(target: int,
     new = make_families.open_clip_model(image_size=(h, w) if h != w else h, patch_size=patch)  # type: ignore[arg-type]
     new.load_state_dict(got, strict=True)
     assert torch.equal(got["positional_embedding"], before["positional_embedding"])  # text table untouched
-    if patch == 8 and h == w:  # resize_pos_embed supports square grids
-        ref = dict(before)
-        resize_pos_embed(ref, new)
-        _close(got["visual.positional_embedding"], ref["visual.positional_embedding"])
+    ref = dict(before)  # resize_pos_embed: a square source, any target grid
+    resize_pos_embed(ref, new)
+    _close(got["visual.positional_embedding"], ref["visual.positional_embedding"])
 
 
 # ---------------------------------------------------------------- DINOv2 hub

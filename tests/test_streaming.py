@@ -147,3 +147,40 @@ print(touched - base, rss() - base)
     )
     grown, after = (int(x) for x in res.stdout.split())
     assert grown >= 60 and after <= 4, res.stdout
+
+
+def test_a_sparse_file_bigger_than_memory_converts(tmp_path: Path) -> None:
+    """A safetensors file twice the size of RAM (sparse: only the embeddings are real) converts: nothing maps
+    the whole file privately (the kernel refuses that commit charge), and holes are copied as holes."""
+    import json
+    import struct
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    filler = 2 * ram // 4
+    entries = [
+        ("cls_token", [1, 1, 16]),
+        ("pos_embed", [1, 17, 16]),
+        ("patch_embed.proj.weight", [16, 3, 8, 8]),
+        ("filler", [filler]),
+    ]
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in entries:
+        n = 4 * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    src = tmp_path / "huge.safetensors"
+    with open(src, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(torch.randn(1 * 16 + 17 * 16 + 16 * 3 * 8 * 8).numpy().tobytes())
+        f.truncate(8 + len(raw) + offset)
+    if src.stat().st_blocks * 512 > 64 * 2**20:
+        pytest.skip("this file system does not keep sparse files sparse")
+    dst = tmp_path / "out.safetensors"
+    vitresize.convert(src, dst, img_size=48)
+    assert dst.stat().st_size > ram and dst.stat().st_blocks * 512 < 64 * 2**20
+    with open(dst, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        assert json.loads(f.read(n))["pos_embed"]["shape"] == [1, 37, 16]

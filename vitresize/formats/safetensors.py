@@ -1,7 +1,7 @@
 """safetensors: header-first reading, and a streaming writer that copies untouched byte ranges.
 
 The header is parsed and validated here (no torch needed), so ``inspect`` and planning only read the
-header. Tensors to resample are read with ``safetensors.safe_open``; every other tensor is copied from
+header. Tensors to resample are read by offset (the header has validated them); every other tensor is copied from
 the source file as raw bytes (``os.copy_file_range`` with a buffered fallback), never decoded.
 """
 
@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,14 +133,25 @@ class SafetensorsCheckpoint(Checkpoint):
         self._mmap: mmap.mmap | None = None
 
     def tensor(self, state_dict: str, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
+        """Read one tensor's bytes (``pread``; the file is not mapped: a private mapping of a file bigger than
+        memory is refused by the kernel's overcommit check, as ``safe_open`` is on an 87 GB file)."""
+        import torch
 
+        e = self.entries[key]
+        dtype = getattr(torch, ST_DTYPES[e.dtype][0])
+        n = e.end - e.start
+        buf = bytearray(n)
         try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                t: torch.Tensor = f.get_tensor(key)
-                return t
-        except SafetensorError as e:
-            raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r}: {e}") from None
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(e.start)
+                got = f.readinto(buf)
+        except OSError as err:
+            raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r}: {err.strerror}") from None
+        if got != n:
+            raise CheckpointFormatError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
+        if n == 0:
+            return torch.empty(e.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e.shape)
 
     def count_nonfinite(self, state_dict: str, key: str) -> int:
         """Counted from the raw bytes, without torch (``inspect`` of a safetensors file never imports it)."""
@@ -157,9 +169,13 @@ class SafetensorsCheckpoint(Checkpoint):
         if e.end == e.start:
             return torch.empty(e.shape, dtype=dtype)
         if self._mmap is None:
+            # Shared and read-only: no commit charge, so files bigger than memory map too (torch.save only
+            # reads these tensors).
             with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.end - e.start, offset=e.start)
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": nothing writes to it
+            flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.end - e.start, offset=e.start)
         return flat.view(dtype).reshape(e.shape)
 
     def close(self) -> None:
