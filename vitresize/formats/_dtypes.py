@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 # safetensors code -> (torch dtype name, bytes per element)
@@ -29,10 +30,7 @@ TORCH_TO_ST: dict[str, str] = {name: code for code, (name, _) in ST_DTYPES.items
 def nbytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of a tensor of a torch dtype name; 0 for dtypes safetensors cannot store (its writer refuses them)."""
     code = TORCH_TO_ST.get(dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    return numel * ST_DTYPES[code][1] if code else 0
+    return math.prod(shape) * ST_DTYPES[code][1] if code else 0
 
 
 # Floating dtypes: (memoryview format of an element, mask of the exponent bits). An element is NaN or
