@@ -225,14 +225,20 @@ def _dinov2_hub(pos: torch.Tensor, w0: int, h0: int, offset: float, antialias: b
 
 
 @pytest.mark.parametrize("file,offset,aa", [("dinov2_vits14.pth", 0.1, False), ("dinov2_vits14_reg4.pth", 0.0, True)])
-@pytest.mark.parametrize("img", [42, 21])
-def test_dinov2_native_matches_hub_code(file: str, offset: float, aa: bool, img: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", [0, 1, 2, 3])
+def test_dinov2_native_matches_hub_code(file: str, offset: float, aa: bool, target: int, tmp_path: Path) -> None:
+    img, patch = TARGETS_7[target]
     out = tmp_path / "o.safetensors"
-    rep = vitresize.convert(FAM / file, out, img_size=img)
+    rep = vitresize.convert(FAM / file, out, **_kw(img, patch))
     assert rep.plan.models[0].embedding.family == "dinov2"
     before, got = torch.load(FAM / file, weights_only=True), load_file(out)
-    want = _dinov2_hub(before["pos_embed"], img // 7, img // 7, offset, aa)
+    h, w = _hw(img)
+    # The hub code reads x as (B, C, "w", "h"): its w0 is the number of rows, h0 of columns.
+    want = _dinov2_hub(before["pos_embed"], h // patch, w // patch, offset, aa)
     _close(got["pos_embed"], want)
+    if patch != 7:
+        k = resample_patch_embed(before["patch_embed.proj.weight"], [patch, patch])
+        assert torch.equal(got["patch_embed.proj.weight"], k)
     if "register_tokens" in before:
         assert torch.equal(got["register_tokens"], before["register_tokens"])
     assert torch.equal(got["mask_token"], before["mask_token"])
