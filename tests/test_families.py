@@ -366,3 +366,31 @@ def test_npz_method_timm_matches_timm(file: str, tmp_path: Path) -> None:
     src = torch.from_numpy(np.load(FAM / file)[key])
     want = resample_abs_pos_embed(src, [6, 6], [4, 4], num_prefix_tokens=0 if layout == "big_vision" else 1)
     assert torch.equal(torch.from_numpy(np.load(out)[key]), want)
+
+
+def test_hf_sharded_bin_folder(tmp_path: Path) -> None:
+    """``pytorch_model.bin.index.json`` + torch shards (huggingface_hub's own sharding): the shard holding
+    the table is rewritten as a torch file, the others copied, the index and config updated."""
+    from huggingface_hub import save_torch_state_dict
+
+    model = make_families.hf_model("hf_vit_sharded")
+    src = tmp_path / "src"
+    src.mkdir()
+    save_torch_state_dict(model.state_dict(), src, safe_serialization=False, max_shard_size="12KB")
+    model.config.save_pretrained(src)
+    shards = sorted(p.name for p in src.glob("pytorch_model-*.bin"))
+    assert len(shards) > 1 and (src / "pytorch_model.bin.index.json").exists()
+    rep = vitresize.convert(src, tmp_path / "out", img_size=48)
+    assert rep.plan.src_format == "torch-sharded"
+    assert "pytorch_model.bin.index.json" in rep.rewritten and "config.json" in rep.rewritten
+    assert any(s in rep.copied for s in shards)
+    out = tmp_path / "out"
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+    got: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(index["weight_map"].values()):
+        got.update(torch.load(out / name, weights_only=True))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
+    want = _hf_native("hf_vit_sharded", (48, 48))
+    _close(got["embeddings.position_embeddings"], want)
+    new = transformers.ViTModel(transformers.ViTConfig.from_pretrained(out))
+    new.load_state_dict(got, strict=True)

@@ -80,7 +80,7 @@ def write_folder(
             index = dict(ckpt.index)
             meta = dict(index.get("metadata") or {})
             if "total_size" in meta or not meta:
-                meta["total_size"] = sum((tmp / name).stat().st_size - _header_size(tmp / name) for name in ckpt.shards)
+                meta["total_size"] = _total_size(plan, ckpt)
             index["metadata"] = meta
             raw = json.dumps(index, indent=2, sort_keys=False) + "\n"
             (tmp / ckpt.index_path.name).write_text(raw)
@@ -90,7 +90,9 @@ def write_folder(
     return total, rewritten, copied, verification
 
 
-def _header_size(path: Path) -> int:
-    """8 + the header length: ``total_size`` in an index counts tensor bytes only, as transformers writes it."""
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
+def _total_size(plan: Plan, ckpt: ShardedCheckpoint) -> int:
+    """Bytes of tensor data in the output, as transformers counts ``total_size`` in an index."""
+    from .formats._dtypes import nbytes
+
+    new = {c.key: c.new_shape for c in plan.changes if c.state_dict == ROOT}
+    return sum(nbytes(new.get(k, info.shape), info.dtype) for k, info in ckpt.state_dicts[ROOT].items())

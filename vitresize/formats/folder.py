@@ -24,14 +24,23 @@ if TYPE_CHECKING:
 __all__ = ["ShardedCheckpoint", "find_index"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
+INDEX_SUFFIXES = (INDEX_SUFFIX, ".bin.index.json")  # safetensors shards; torch shards (pytorch_model-*.bin)
 
 
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
+def _open(path: Path) -> Checkpoint:
+    from . import _open as open_file
+
+    return open_file(path)
+
+
 def find_index(folder: Path) -> Path | None:
     """The one ``*.safetensors.index.json`` of a folder (``None`` if it has none)."""
-    found = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    found = sorted(p for suffix in INDEX_SUFFIXES for p in folder.glob(f"*{suffix}"))
+    if len(found) > 1 and any(p.name.endswith(INDEX_SUFFIX) for p in found):
+        found = [p for p in found if p.name.endswith(INDEX_SUFFIX)]  # both kinds: the safetensors shards
     if len(found) > 1:
         raise CheckpointFormatError(
             f"{folder} holds {len(found)} *{INDEX_SUFFIX} files; pass the checkpoint file inside it, "
@@ -71,8 +80,6 @@ class ShardedCheckpoint(Checkpoint):
             self.format = "folder"
             weights, others = _single_weights(folder)
             self.duplicates = [p.name for p in others]
-            from . import _open
-
             shard = _open(weights)
             self.shards[weights.name] = shard
             if list(shard.state_dicts) != [ROOT]:
@@ -83,7 +90,7 @@ class ShardedCheckpoint(Checkpoint):
                 )
             weight_map = dict.fromkeys(shard.state_dicts[ROOT], weights.name)
         else:
-            self.format = "safetensors-sharded"
+            self.format = "safetensors-sharded" if self.index_path.name.endswith(INDEX_SUFFIX) else "torch-sharded"
             weight_map = self._read_index(self.index_path)
             for name in dict.fromkeys(weight_map.values()):
                 file = folder / name
@@ -91,11 +98,13 @@ class ShardedCheckpoint(Checkpoint):
                     raise CheckpointFormatError(
                         f"{self.index_path} names shard {name!r}, which is not a file in {folder}"
                     )
-                self.shards[name] = SafetensorsCheckpoint(file)
+                self.shards[name] = SafetensorsCheckpoint(file) if name.endswith(".safetensors") else _open(file)
+                if list(self.shards[name].state_dicts) not in ([ROOT], []):
+                    raise CheckpointFormatError(f"{file} is not a flat state dict, as a shard must be")
         self.shard_of: dict[str, str] = {}
         infos: dict[str, TensorInfo] = {}
         for name, shard in self.shards.items():
-            for key, info in shard.state_dicts[ROOT].items():
+            for key, info in shard.state_dicts.get(ROOT, {}).items():
                 if weight_map.get(key) != name:
                     raise CheckpointFormatError(
                         f"{shard.path} holds {key!r}, which the index puts in {weight_map.get(key)!r}"
