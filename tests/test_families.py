@@ -394,3 +394,9 @@ def test_hf_sharded_bin_folder(tmp_path: Path) -> None:
     _close(got["embeddings.position_embeddings"], want)
     new = transformers.ViTModel(transformers.ViTConfig.from_pretrained(out))
     new.load_state_dict(got, strict=True)
+
+
+def test_a_folder_to_a_file_name_is_a_usage_error(tmp_path: Path, run: Any) -> None:
+    res = run("convert", FAM / "hf_vit", tmp_path / "out.safetensors", "--img-size", "48")
+    assert res.exit_code == 2 and "converts to a folder" in res.stderr
+    assert not (tmp_path / "out.safetensors").exists()

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import CheckpointFormatError, OutputExistsError
+from ..errors import CheckpointFormatError, OutputExistsError, UsageError
 
 __all__ = ["atomic_folder", "atomic_path", "check_destination", "check_folder_destination"]
 
@@ -76,7 +76,12 @@ def atomic_path(dst: Path, *, force: bool, fsync: bool = False) -> Iterator[Path
 def check_folder_destination(dst: Path, *, force: bool) -> None:
     """For a folder output: refuse an existing file, an existing folder without ``force``, a missing parent."""
     if dst.exists() and not dst.is_dir():
-        raise CheckpointFormatError(f"{dst} is a file; a sharded folder converts to a folder: give a folder name")
+        raise CheckpointFormatError(f"{dst} is a file; a model folder converts to a folder: give a folder name")
+    if dst.suffix.lower() in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".npz"):
+        raise UsageError(
+            f"a model folder converts to a folder, not to a {dst.suffix} file; give a folder name for DST "
+            f"(or convert one weights file of the folder on its own)"
+        )
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} already exists; pass --force to replace it")
     if not dst.parent.is_dir():
