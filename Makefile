@@ -24,6 +24,7 @@ demo: install
 	$(BIN)/vitresize inspect fixtures/timm_vit_cls.pth
 	$(BIN)/vitresize convert fixtures/timm_vit_cls.pth $(DEMO)/vit_48.safetensors --img-size 48 --force
 	$(BIN)/vitresize convert fixtures/deit_distilled.pth $(DEMO)/deit_p4.pth --patch 4 --force
+	$(BIN)/vitresize convert fixtures/families/hf_vit $(DEMO)/hf_vit_48 --img-size 48 --force
 
 test: install
 	$(BIN)/pytest
