@@ -57,7 +57,11 @@ BASES = [
     "timm_vit_legacy.pth",
     "malicious.pth",
     "malicious_legacy.pth",
-    "vit.npz",  # made in memory: .npz input is refused for now, and must stay a clean refusal
+    "vit.npz",  # made in memory (vit_jax layout)
+    "families/big_vision.npz",
+    "families/open_clip.pth",
+    "families/dinov2_vits14_reg4.pth",
+    "families/hf_clip/model.safetensors",
 ]
 
 
@@ -313,6 +317,12 @@ def _reread(dst: Path) -> str | None:
             from safetensors.torch import load_file
 
             load_file(str(dst))
+        elif dst.suffix == ".npz":
+            import numpy as np
+
+            with np.load(dst, allow_pickle=False) as z:
+                for k in z.files:
+                    z[k]
         else:
             with torch.serialization.safe_globals(vitresize_safe_globals()):
                 torch.load(dst, weights_only=True, mmap=True)
@@ -343,7 +353,8 @@ def run_case(seed: int, case: int, workdir: Path) -> Outcome:
     src = workdir / f"input{ext}"
     src.write_bytes(data)
     before = _sha(src)
-    dst = workdir / f"output{rng.choice(['.safetensors', '.pth'])}"
+    outs = [".safetensors", ".pth"] + ([".npz"] if base.endswith(".npz") else [])
+    dst = workdir / f"output{rng.choice(outs)}"
     args = rng.choice(_ARGS)
     runner = CliRunner()
     cwd = Path.cwd()

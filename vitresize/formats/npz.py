@@ -8,8 +8,10 @@ unchanged members' array bytes copied as they are, the JAX layout (HWIO kernels)
 
 from __future__ import annotations
 
+import math
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,11 +79,18 @@ class NpzCheckpoint(Checkpoint):
                     key = info.filename[: -len(".npy")]
                     with z.open(info) as f:
                         shape, _fortran, dtype = _read_header(f)
+                        header = f.tell()
                     name = _dtype_name(dtype)
                     if name is None:
                         raise CheckpointFormatError(
                             f"{path}: array {key!r} has dtype {dtype} (object arrays need pickle, which vitresize "
                             f"never loads; other dtypes are not weights)"
+                        )
+                    want = header + math.prod(shape) * dtype.itemsize
+                    if info.file_size != want:
+                        raise CheckpointFormatError(
+                            f"{path}: array {key!r} holds {info.file_size - header} bytes of data, its header "
+                            f"says {want - header} (truncated or corrupt?)"
                         )
                     if dtype.kind == "V":
                         self.raw_bf16.add(key)
@@ -131,6 +140,15 @@ def write_npz(
     are copied as they are. Returns the bytes written."""
     import numpy as np
 
+    try:
+        return _write_npz(ckpt, changed, dst, progress, np)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a member's bytes do not match its CRC or size
+        raise CheckpointFormatError(f"{ckpt.path} is corrupt: {e}; re-download or re-save it") from None
+
+
+def _write_npz(
+    ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor], dst: Path, progress: Progress | None, np: Any
+) -> int:
     with zipfile.ZipFile(ckpt.path) as zin, zipfile.ZipFile(dst, "w", allowZip64=True) as zout:
         for key, info in ckpt.members.items():
             out = zipfile.ZipInfo(info.filename, date_time=info.date_time)
