@@ -400,3 +400,18 @@ def test_a_folder_to_a_file_name_is_a_usage_error(tmp_path: Path, run: Any) -> N
     res = run("convert", FAM / "hf_vit", tmp_path / "out.safetensors", "--img-size", "48")
     assert res.exit_code == 2 and "converts to a folder" in res.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_npz_with_a_corrupt_member_is_refused(tmp_path: Path, run: Any) -> None:
+    """A flipped byte in a member that is copied, not resampled: its CRC no longer matches."""
+    import zipfile
+
+    data = bytearray((FAM / "vit_jax.npz").read_bytes())
+    with zipfile.ZipFile(FAM / "vit_jax.npz") as z:
+        info = z.getinfo("head/kernel.npy")
+    data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF
+    src = tmp_path / "bad.npz"
+    src.write_bytes(bytes(data))
+    res = run("convert", src, tmp_path / "o.npz", "--img-size", "48")
+    assert res.exit_code == 1 and res.stderr.count("Error:") == 1 and "corrupt" in res.stderr
+    assert not (tmp_path / "o.npz").exists() and "Traceback" not in res.stderr
