@@ -67,8 +67,18 @@ SRC_GEOM = "Source geometry (when the checkpoint cannot tell)"
 CONV = "Resampling"
 OUT = "Output"
 
-SrcArg = Annotated[Path, typer.Argument(help="Checkpoint to read (.pth/.pt/.bin or .safetensors).", show_default=False)]
-DstArg = Annotated[Path, typer.Argument(help="File to write; .safetensors or .pth/.pt/.bin.", show_default=False)]
+SrcArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint to read: .pth/.pt/.bin, .safetensors, .npz, or a model folder.", show_default=False
+    ),
+]
+DstArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Where to write: .safetensors, .pth/.pt/.bin or .npz; a folder for a folder.", show_default=False
+    ),
+]
 ImgSizeOpt = Annotated[
     str | None,
     typer.Option("--img-size", help="New image size: N or HxW (grid = img-size / patch).", rich_help_panel=GEOM),
@@ -215,7 +225,9 @@ def _errors() -> Iterator[None]:
     "  vitresize convert vit_b16_224.pth vit_b16_384.safetensors --img-size 384\n\n"
     "  vitresize convert deit.pth deit_p8.pth --patch 8 --dry-run\n\n"
     "  vitresize convert vit.safetensors vit_384.safetensors --img-size 384 --verify --json\n\n"
-    "  vitresize convert vit_32x48.safetensors out.safetensors --from-img-size 512x768 --img-size 384\n\n" + EPILOG
+    "  vitresize convert vit_32x48.safetensors out.safetensors --from-img-size 512x768 --img-size 384\n\n"
+    "  vitresize convert hf_vit_folder/ hf_vit_384/ --img-size 384   (config.json updated)\n\n"
+    "  vitresize convert vit_base_patch16_224.npz vit_384.npz --img-size 384   (JAX layout kept)\n\n" + EPILOG
 )
 def convert(
     src: SrcArg,
