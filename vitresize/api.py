@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import DeviceError, GeometryError, NoViTFoundError, UsageError
 from .formats import Checkpoint, open_checkpoint
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
+from .keymaps.base import kernel_shape, kernel_size, pos_rows, pos_shape, token_rows
 from .plan import Embedding, Inspection, ModelPlan, Plan, Report, StateDictSummary, TensorChange
 from .resample.conventions import PATCH_METHODS, resolve_conventions
 from .resample.geometry import Geometry, Size, format_size, infer_source_grid, parse_size, resolve_target
@@ -36,7 +37,7 @@ def _variant(found: Found, tensors: dict[str, TensorInfo], prefix_rows: int) -> 
     names = []
     for key in found.token_keys:
         short = key[len(found.prefix) :].rsplit(found.keymap.sep, 1)[-1]
-        rows = tensors[key].shape[-2] if len(tensors[key].shape) >= 3 else 1
+        rows = token_rows(tensors[key])
         if short in _CLS:
             names.append("cls")
         elif short in _DIST:
@@ -51,12 +52,8 @@ def _variant(found: Found, tensors: dict[str, TensorInfo], prefix_rows: int) -> 
     for key in _OUTSIDE:
         info = tensors.get(found.prefix + key)
         if info is not None:
-            text += f", {_rows(info)} registers outside the table"
+            text += f", {token_rows(info)} registers outside the table"
     return text
-
-
-def _rows(info: TensorInfo) -> int:
-    return info.shape[-2] if len(info.shape) >= 3 else 1
 
 
 def _metadata_grid(meta: dict[str, str]) -> Size | None:
@@ -77,8 +74,8 @@ def _embeddings(
         for f in found:
             pos, patch = tensors[f.pos_key], tensors[f.patch_key]
             km = f.keymap
-            kernel = km.kernel_size(patch.shape)
-            num_rows = km.pos_rows(pos.shape)
+            kernel = kernel_size(patch.shape, km.patch_layout)
+            num_rows = pos_rows(pos.shape, km.pos_layout)
             assert num_rows is not None  # find_vits checked the layout
             source: Geometry | None = None
             note = None
@@ -217,7 +214,7 @@ def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) ->
                 state_dict=e.state_dict,
                 key=e.pos_key,
                 old_shape=e.pos_shape,
-                new_shape=(new_rows, dim) if e.pos_layout == "LD" else (1, new_rows, dim),
+                new_shape=pos_shape(new_rows, dim, e.pos_layout),
                 dtype=e.dtype,
                 op="pos_embed",
                 detail=f"grid {format_size(src.grid)} -> {format_size(dst.grid)}",
@@ -237,13 +234,12 @@ def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) ->
                 )
             )
     if src.patch != dst.patch:
-        shape = e.patch_shape
         out.append(
             TensorChange(
                 state_dict=e.state_dict,
                 key=e.patch_key,
                 old_shape=e.patch_shape,
-                new_shape=(*dst.patch, *shape[2:]) if e.patch_layout == "HWIO" else (*shape[:2], *dst.patch),
+                new_shape=kernel_shape(e.patch_shape, dst.patch, e.patch_layout),
                 dtype=tensors[e.patch_key].dtype,
                 op="patch_embed",
                 detail=f"patch {format_size(src.patch)} -> {format_size(dst.patch)}, "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .keymaps.base import kernel_size
 from .resample.conventions import Convention
 from .resample.geometry import Geometry, Size
 
@@ -57,8 +58,7 @@ class Embedding:
     @property
     def kernel(self) -> Size:
         """The source patch size, read from the kernel's shape."""
-        s = self.patch_shape
-        return (s[0], s[1]) if self.patch_layout == "HWIO" else (s[-2], s[-1])
+        return kernel_size(self.patch_shape, self.patch_layout)
 
     def to_dict(self) -> dict[str, Any]:
         g = self.source

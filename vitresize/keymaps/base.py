@@ -6,7 +6,43 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Found", "KeyMap", "TensorInfo", "find_in"]
+__all__ = [
+    "Found",
+    "KeyMap",
+    "TensorInfo",
+    "find_in",
+    "kernel_shape",
+    "kernel_size",
+    "pos_rows",
+    "pos_shape",
+    "token_rows",
+]
+
+
+# Layouts: a position table is "1LD" ([1, rows, D]) or "LD" ([rows, D], CLIP); a patch kernel is "OIHW"
+# (torch) or "HWIO" (JAX).
+
+
+def pos_rows(shape: tuple[int, ...], layout: str) -> int | None:
+    """Rows of a position table of this layout, or ``None`` if the shape is not one."""
+    if layout == "LD":
+        return shape[0] if len(shape) == 2 else None
+    return shape[1] if len(shape) == 3 and shape[0] == 1 else None
+
+
+def pos_shape(rows: int, dim: int, layout: str) -> tuple[int, ...]:
+    """The shape of a position table of this layout."""
+    return (rows, dim) if layout == "LD" else (1, rows, dim)
+
+
+def kernel_size(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """``(ph, pw)`` of a patch kernel of this layout."""
+    return (shape[0], shape[1]) if layout == "HWIO" else (shape[-2], shape[-1])
+
+
+def kernel_shape(shape: tuple[int, ...], patch: tuple[int, int], layout: str) -> tuple[int, ...]:
+    """A kernel's shape at another patch size."""
+    return (*patch, *shape[2:]) if layout == "HWIO" else (*shape[:2], *patch)
 
 
 @dataclass(frozen=True)
@@ -60,23 +96,6 @@ class KeyMap:
     position_ids: str | None = None
     sidecar: str = "timm"
 
-    def pos_rows(self, shape: tuple[int, ...]) -> int | None:
-        """Rows of a position table of this layout, or ``None`` if the shape is not one."""
-        if self.pos_layout == "LD":
-            return shape[0] if len(shape) == 2 else None
-        return shape[1] if len(shape) == 3 and shape[0] == 1 else None
-
-    def pos_shape(self, rows: int, dim: int) -> tuple[int, ...]:
-        return (rows, dim) if self.pos_layout == "LD" else (1, rows, dim)
-
-    def kernel_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """``(ph, pw)`` of a patch kernel of this layout."""
-        return (shape[0], shape[1]) if self.patch_layout == "HWIO" else (shape[-2], shape[-1])
-
-    def kernel_shape(self, shape: tuple[int, ...], patch: tuple[int, int]) -> tuple[int, ...]:
-        """The kernel's shape at another patch size."""
-        return (*patch, *shape[2:]) if self.patch_layout == "HWIO" else (*shape[:2], *patch)
-
 
 @dataclass(frozen=True)
 class Found:
@@ -103,7 +122,7 @@ class Found:
         return (self.token_rows,)
 
 
-def _rows(info: TensorInfo) -> int:
+def token_rows(info: TensorInfo) -> int:
     """Rows a token parameter contributes: ``[1, R, D]`` -> R, ``[1, D]``/``[D]`` -> 1."""
     return info.shape[-2] if len(info.shape) >= 3 else 1
 
@@ -125,7 +144,7 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
         if any(prefix + r not in tensors for r in keymap.requires):
             continue
         patch_key = prefix + keymap.patch_embed
-        if keymap.pos_rows(info.shape) is None:
+        if pos_rows(info.shape, keymap.pos_layout) is None:
             want = "[tokens, dim]" if keymap.pos_layout == "LD" else "[1, tokens, dim]"
             misses.append(f"{key} has shape {list(info.shape)}, not {want}")
             continue
@@ -138,6 +157,6 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
             misses.append(f"{patch_key} has shape {list(patch.shape)}, not {want}")
             continue
         token_keys = tuple(prefix + t for t in keymap.tokens if prefix + t in tensors)
-        rows = sum(_rows(tensors[k]) for k in token_keys)
+        rows = sum(token_rows(tensors[k]) for k in token_keys)
         found.append(Found(keymap, prefix, key, patch_key, token_keys, rows))
     return found, misses
