@@ -415,3 +415,11 @@ def test_npz_with_a_corrupt_member_is_refused(tmp_path: Path, run: Any) -> None:
     res = run("convert", src, tmp_path / "o.npz", "--img-size", "48")
     assert res.exit_code == 1 and res.stderr.count("Error:") == 1 and "corrupt" in res.stderr
     assert not (tmp_path / "o.npz").exists() and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("dry", [False, True])
+def test_npz_output_needs_npz_input(tmp_path: Path, run: Any, dry: bool) -> None:
+    args = ["--dry-run"] if dry else []
+    res = run("convert", FIXTURES / "timm_vit_cls.pth", tmp_path / "o.npz", "--img-size", "48", *args)
+    assert res.exit_code == 2 and "needs a .npz input" in res.stderr
+    assert not list(tmp_path.iterdir())

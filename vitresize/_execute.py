@@ -258,8 +258,7 @@ def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, pro
 def _write_npz(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, progress: Progress | None) -> int:
     from .formats.npz import NpzCheckpoint, write_npz
 
-    if not isinstance(ckpt, NpzCheckpoint):
-        raise UsageError(f"a .npz output needs a .npz input (JAX layout); write {ckpt.format} input as .safetensors")
+    assert isinstance(ckpt, NpzCheckpoint)  # _destination checked it
     return write_npz(ckpt, {k: t for (_, k), t in repl.items()}, tmp, progress)
 
 
@@ -308,6 +307,8 @@ def _destination(ckpt: Checkpoint, dst: Path, force: bool) -> str:
         check_folder_destination(dst, force=force)
         return "folder"
     fmt = output_format(dst)
+    if fmt == "npz" and ckpt.format != "npz":
+        raise UsageError(f"a .npz output needs a .npz input (JAX layout); write {ckpt.format} input as .safetensors")
     check_destination(dst, force=force)
     return fmt
 

@@ -26,20 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TensorRef", "ZipIndex", "read_zip_index"]
+from ._dtypes import ST_DTYPES, TORCH_TO_ST
 
-# torch.<Name>Storage -> (torch dtype name, bytes per element)
-_STORAGES: dict[str, tuple[str, int]] = {
-    "FloatStorage": ("float32", 4),
-    "DoubleStorage": ("float64", 8),
-    "HalfStorage": ("float16", 2),
-    "BFloat16Storage": ("bfloat16", 2),
-    "LongStorage": ("int64", 8),
-    "IntStorage": ("int32", 4),
-    "ShortStorage": ("int16", 2),
-    "CharStorage": ("int8", 1),
-    "ByteStorage": ("uint8", 1),
-    "BoolStorage": ("bool", 1),
+__all__ = ["TensorRef", "ZipIndex", "data_offset", "is_tensor_ref", "read_zip_index"]
+
+# torch.<Name>Storage -> torch dtype name (bytes per element from _dtypes)
+_STORAGES: dict[str, str] = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
 _MAX_PICKLE = 256 * 1024 * 1024  # data.pkl holds no tensor data; a bigger one is not a checkpoint we index
 
@@ -149,7 +151,8 @@ class _Unpickler(pickle.Unpickler):
         typ, key, _location, numel = pid[1:]
         if not isinstance(typ, _StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
             raise _Unsupported("storage")
-        dtype, itemsize = _STORAGES[typ.name]
+        dtype = _STORAGES[typ.name]
+        itemsize = ST_DTYPES[TORCH_TO_ST[dtype]][1]
         storage = self.storages.setdefault(key, _Storage(key, dtype, itemsize, numel))
         if storage.dtype != dtype or storage.numel != numel:
             raise _Unsupported("storage seen with two types")
@@ -175,12 +178,12 @@ class ZipIndex:
         return r[0] + start, t.nbytes
 
 
-def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
+def data_offset(f: Any, info: zipfile.ZipInfo) -> int:
     """File offset of a stored member's data (after its local header, whose extra field may differ)."""
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
-        raise _Unsupported("local header")
+        raise ValueError(f"no local header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     return int(info.header_offset + 30 + name_len + extra_len)
 
@@ -207,7 +210,7 @@ def read_zip_index(path: Path) -> ZipIndex | None:
                 nbytes = storage.numel * storage.itemsize
                 if info is None or info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
                     return None
-                ranges[key] = (_data_offset(f, info), nbytes)
+                ranges[key] = (data_offset(f, info), nbytes)
     except Exception:  # any doubt: torch.load reads the file and reports
         return None
     return ZipIndex(container, ranges)

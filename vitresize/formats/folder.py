@@ -1,5 +1,6 @@
-"""Model folders: sharded safetensors (``model.safetensors.index.json`` + shards, as Hugging Face writes
-them), or one weights file (``model.safetensors``, ``pytorch_model.bin``) beside a ``config.json``.
+"""Model folders: shards with their index (``model.safetensors.index.json`` or
+``pytorch_model.bin.index.json``, as Hugging Face writes them), or one weights file (``model.safetensors``,
+``pytorch_model.bin``), beside a ``config.json``.
 
 Read: the index maps every key to its shard; each shard is opened header-first, so a folder of any size
 is planned from its headers. Write: a folder out, built in a temp folder beside DST and renamed into place;
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError
 from ..keymaps import TensorInfo
+from . import _open
 from .base import ROOT, Checkpoint
-from .safetensors import SafetensorsCheckpoint
 
 if TYPE_CHECKING:
     import torch
@@ -25,19 +26,11 @@ __all__ = ["ShardedCheckpoint", "find_index"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 INDEX_SUFFIXES = (INDEX_SUFFIX, ".bin.index.json")  # safetensors shards; torch shards (pytorch_model-*.bin)
-
-
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
-def _open(path: Path) -> Checkpoint:
-    from . import _open as open_file
-
-    return open_file(path)
-
-
 def find_index(folder: Path) -> Path | None:
-    """The one ``*.safetensors.index.json`` of a folder (``None`` if it has none)."""
+    """The index of a sharded folder (``None`` if it has none); with both kinds, the safetensors one."""
     found = sorted(p for suffix in INDEX_SUFFIXES for p in folder.glob(f"*{suffix}"))
     if len(found) > 1 and any(p.name.endswith(INDEX_SUFFIX) for p in found):
         found = [p for p in found if p.name.endswith(INDEX_SUFFIX)]  # both kinds: the safetensors shards
@@ -98,7 +91,7 @@ class ShardedCheckpoint(Checkpoint):
                     raise CheckpointFormatError(
                         f"{self.index_path} names shard {name!r}, which is not a file in {folder}"
                     )
-                self.shards[name] = SafetensorsCheckpoint(file) if name.endswith(".safetensors") else _open(file)
+                self.shards[name] = _open(file)
                 if list(self.shards[name].state_dicts) not in ([ROOT], []):
                     raise CheckpointFormatError(f"{file} is not a flat state dict, as a shard must be")
         self.shard_of: dict[str, str] = {}

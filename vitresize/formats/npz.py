@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError
 from ..keymaps import TensorInfo
+from ._dtypes import TORCH_TO_ST
 from .base import ROOT, Checkpoint
 
 if TYPE_CHECKING:
@@ -28,24 +29,12 @@ if TYPE_CHECKING:
 __all__ = ["NpzCheckpoint", "write_npz"]
 
 _RAW_BF16 = "V2"
-_NAMES = {
-    "float16": "float16",
-    "float32": "float32",
-    "float64": "float64",
-    "bfloat16": "bfloat16",
-    "int8": "int8",
-    "int16": "int16",
-    "int32": "int32",
-    "int64": "int64",
-    "uint8": "uint8",
-    "bool": "bool",
-}
 
 
 def _dtype_name(dtype: np.dtype[Any]) -> str | None:
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
         return "bfloat16"  # big_vision's raw bfloat16
-    return _NAMES.get(dtype.name)
+    return dtype.name if dtype.name in TORCH_TO_ST else None  # NumPy and torch share these names
 
 
 def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
@@ -138,17 +127,15 @@ def write_npz(
 ) -> int:
     """Write ``ckpt`` to ``dst`` with the ``changed`` arrays replaced; every other member's array bytes
     are copied as they are. Returns the bytes written."""
-    import numpy as np
-
     try:
-        return _write_npz(ckpt, changed, dst, progress, np)
+        return _write_npz(ckpt, changed, dst, progress)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a member's bytes do not match its CRC or size
         raise CheckpointFormatError(f"{ckpt.path} is corrupt: {e}; re-download or re-save it") from None
 
 
-def _write_npz(
-    ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor], dst: Path, progress: Progress | None, np: Any
-) -> int:
+def _write_npz(ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor], dst: Path, progress: Progress | None) -> int:
+    import numpy as np
+
     with zipfile.ZipFile(ckpt.path) as zin, zipfile.ZipFile(dst, "w", allowZip64=True) as zout:
         for key, info in ckpt.members.items():
             out = zipfile.ZipInfo(info.filename, date_time=info.date_time)

@@ -87,8 +87,8 @@ def _parse(path: Path, data: dict[str, Any]) -> Sidecar | None:
         return Sidecar(path, "hf", data, _size(node.get("image_size")), _size(node.get("patch_size")))
     cfg = data.get("pretrained_cfg")
     if "architecture" in data and isinstance(cfg, dict):
-        args = data.get("model_args") if isinstance(data.get("model_args"), dict) else {}
-        assert isinstance(args, dict)
+        args = data.get("model_args")
+        args = args if isinstance(args, dict) else {}
         size = cfg.get("input_size")
         img = _size(args.get("img_size")) or (
             _size(list(size[1:])) if isinstance(size, list) and len(size) == 3 else None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..keymaps import TensorInfo
-from ._zip_index import TensorRef, is_tensor_ref, read_zip_index
+from ._zip_index import TensorRef, data_offset, is_tensor_ref, read_zip_index
 from .base import ROOT, Checkpoint
 
 if TYPE_CHECKING:
@@ -216,19 +216,20 @@ class TorchCheckpoint(Checkpoint):
         source, _ = self._outline()
         return [str(k) for k in source] if isinstance(source, Mapping) else []
 
+    def _node(self, root: Any, state_dict: str) -> Any:
+        """The state dict ``state_dict`` inside a container (the index's or torch's: same nesting)."""
+        for part in self._paths[state_dict]:
+            root = root[part]
+        return root
+
     def non_tensors(self, state_dict: str) -> list[str]:
         source, is_tensor = self._outline()
-        sd = source
-        for part in self._paths[state_dict]:
-            sd = sd[part]
-        return [k for k, v in sd.items() if not is_tensor(v)]
+        return [k for k, v in self._node(source, state_dict).items() if not is_tensor(v)]
 
     def raw_state_dict(self, name: str) -> MutableMapping[str, Any]:
         """The loaded dict itself (tensors mmap-backed for zip files); changes to it go into :func:`save_container`."""
-        sd = self.container
-        for part in self._paths[name]:
-            sd = sd[part]
-        return sd  # type: ignore[no-any-return]
+        sd: MutableMapping[str, Any] = self._node(self.container, name)
+        return sd
 
     def tensor(self, state_dict: str, key: str) -> torch.Tensor:
         t: torch.Tensor = self.raw_state_dict(state_dict)[key]
@@ -249,10 +250,7 @@ class TorchCheckpoint(Checkpoint):
     def _ref(self, state_dict: str, key: str) -> TensorRef | None:
         if self._index is None:
             return None
-        sd = self._index.container
-        for part in self._paths[state_dict]:
-            sd = sd[part]
-        ref = sd[key]
+        ref = self._node(self._index.container, state_dict)[key]
         return ref if isinstance(ref, TensorRef) else None
 
     def file_ranges(self, state_dict: str) -> dict[str, tuple[int, int]]:
@@ -288,20 +286,14 @@ class TorchCheckpoint(Checkpoint):
 
 def _member_offsets(path: Path) -> set[int] | None:
     """File offsets of the data of every ``*/data/*`` member, or None if any is compressed."""
-    offsets = set()
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-        for info in z.infolist():
-            if "/data/" not in info.filename:
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                return None
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                return None
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            offsets.add(info.header_offset + 30 + name_len + extra_len)
-    return offsets
+        infos = [i for i in z.infolist() if "/data/" in i.filename]
+        if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+            return None
+        try:
+            return {data_offset(f, i) for i in infos}
+        except ValueError:
+            return None
 
 
 def _file_ranges(path: Path, container: Any) -> dict[int, tuple[int, int]]:
