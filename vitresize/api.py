@@ -124,8 +124,6 @@ def _embeddings(
                     geometry_from=how,
                     note=note,
                     native_method=f.native_method(tensors),
-                    pos_layout=km.pos_layout,
-                    patch_layout=km.patch_layout,
                     position_ids_key=_position_ids(f, tensors),
                 )
             )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .keymaps import KEYMAPS
 from .keymaps.base import kernel_size
 from .resample.conventions import Convention
 from .resample.geometry import Geometry, Size
@@ -51,9 +52,17 @@ class Embedding:
     nonfinite: dict[str, int] | None = None
     """NaN/Inf counts of the position table and patch kernel (``inspect`` only; ``None`` = not read)."""
     native_method: str = "timm"
-    pos_layout: str = "1LD"  # or "LD": a 2-D table (CLIP)
-    patch_layout: str = "OIHW"  # or "HWIO" (JAX)
     position_ids_key: str | None = None
+
+    @property
+    def pos_layout(self) -> str:
+        """``"1LD"``, or ``"LD"`` for a 2-D table (CLIP): the family's."""
+        return KEYMAPS[self.family].pos_layout
+
+    @property
+    def patch_layout(self) -> str:
+        """``"OIHW"``, or ``"HWIO"`` (JAX): the family's."""
+        return KEYMAPS[self.family].patch_layout
 
     @property
     def kernel(self) -> Size:
