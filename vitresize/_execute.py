@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from .formats import Checkpoint
     from .formats.safetensors import Progress, Segment
     from .formats.torch_pickle import TorchCheckpoint
-    from .plan import Plan, Report
+    from .plan import ModelPlan, Plan, Report
+    from .resample.torchfree import Table
 
 __all__ = ["dry_run_report", "execute"]
 
@@ -70,12 +71,7 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
     from .resample.patch_embed import resample_patch_embed
     from .resample.pos_embed import resample_pos_embed
 
-    owner = {
-        (m.embedding.state_dict, k): m
-        for m in plan.models
-        for k in (m.embedding.pos_key, m.embedding.patch_key, m.embedding.position_ids_key)
-        if k is not None
-    }
+    owner = _owners(plan)
     out: dict[Key, torch.Tensor] = {}
     warnings: list[str] = []
     for c in plan.changes:
@@ -110,6 +106,59 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
     return out, warnings
 
 
+def _owners(plan: Plan) -> dict[Key, ModelPlan]:
+    """The model each planned tensor belongs to."""
+    return {
+        (m.embedding.state_dict, k): m
+        for m in plan.models
+        for k in (m.embedding.pos_key, m.embedding.patch_key, m.embedding.position_ids_key)
+        if k is not None
+    }
+
+
+def _resample_torchfree(plan: Plan, ckpt: Checkpoint) -> dict[Key, Table] | None:
+    """The resampled tensors computed with numpy, torch never imported; ``None`` unless every change is a
+    position table (or row counter) that :mod:`.resample.torchfree` reproduces bit for bit."""
+    from .resample.torchfree import Table, kernel_variant, matches_convention, resample_pos_table
+
+    variant = kernel_variant()
+    if (
+        variant is None
+        or plan.device != "cpu"
+        or not matches_convention(plan.pos_convention)
+        or any(c.op not in ("pos_embed", "position_ids") for c in plan.changes)
+    ):
+        return None
+    import numpy as np
+
+    owner = _owners(plan)
+    out: dict[Key, Table] = {}
+    for c in plan.changes:
+        info = ckpt.state_dicts[c.state_dict][c.key]
+        if c.op == "position_ids":
+            if info.dtype != "int64":
+                return None
+            out[(c.state_dict, c.key)] = Table(np.arange(c.new_shape[-1], dtype="<i8").reshape(c.new_shape), "int64")
+            continue
+        raw = ckpt.raw_bytes(c.state_dict, c.key)
+        if raw is None:
+            return None
+        m = owner[(c.state_dict, c.key)]
+        table = resample_pos_table(
+            raw,
+            info.dtype,
+            info.shape,
+            old_grid=m.source.grid,
+            new_grid=m.target.grid,
+            num_prefix_tokens=m.embedding.prefix_rows,
+            variant=variant,
+        )
+        if table is None:
+            return None
+        out[(c.state_dict, c.key)] = table
+    return out
+
+
 def _position_ids(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A ``[1, rows]`` row counter of the old buffer's dtype."""
     import torch
@@ -118,22 +167,36 @@ def _position_ids(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class _Resampled:
-    """The resampled tensors, computed on first call: a safetensors write starts copying before torch loads."""
+    """The resampled tensors, computed on first call: a safetensors write starts copying before torch loads.
 
-    def __init__(self, plan: Plan, ckpt: Checkpoint) -> None:
+    With ``torch_free`` (outputs written from raw bytes: safetensors), they are computed with numpy where
+    that is exact (:func:`_resample_torchfree`), and torch is never imported; else with torch.
+    """
+
+    def __init__(self, plan: Plan, ckpt: Checkpoint, *, torch_free: bool = False) -> None:
         self.plan, self.ckpt = plan, ckpt
         self.changes = {(c.state_dict, c.key): c for c in plan.changes}
         self.warnings: list[str] = []
-        self._out: dict[Key, torch.Tensor] | None = None
+        self.torch_free = torch_free
+        self.engine: str | None = None
+        """``"numpy"`` or ``"torch"``: what computed them (``None`` until computed)."""
+        self._out: dict[Key, Any] | None = None
 
-    def __call__(self) -> dict[Key, torch.Tensor]:
+    def __call__(self) -> dict[Key, Any]:
+        """``torch.Tensor`` values, or :class:`~.resample.torchfree.Table` ones with ``torch_free``."""
         if self._out is None:
-            self._out, self.warnings = _resample(self.plan, self.ckpt)
+            fast = _resample_torchfree(self.plan, self.ckpt) if self.torch_free and self.plan.changes else None
+            if fast is not None:
+                self._out, self.engine = dict(fast), "numpy"
+            else:
+                self._out, self.warnings = _resample(self.plan, self.ckpt)
+                self.engine = "torch" if self.plan.changes else None
         return self._out
 
-    def get(self, key: Key) -> torch.Tensor:
+    def get(self, key: Key) -> torch.Tensor | Table:
         """One resampled tensor, checked against the plan's shape and dtype."""
-        t, c = self()[key], self.changes[key]
+        t: torch.Tensor | Table = self()[key]
+        c = self.changes[key]
         if tuple(t.shape) != c.new_shape or str(t.dtype).removeprefix("torch.") != c.dtype:
             raise VitresizeError(
                 f"internal check failed: {c.key} came out as {t.dtype} {list(t.shape)} (a vitresize bug)"
@@ -273,6 +336,7 @@ def _report(
     dry: bool = False,
     warnings: list[str] | None = None,
     verified: Verification | None = None,
+    engine: str | None = None,
 ) -> Report:
     from .plan import Report
 
@@ -296,6 +360,7 @@ def _report(
         warnings=tuple(warnings),
         passed_through=tensors - changed,
         verified=verified,
+        engine=engine,
     )
 
 
@@ -311,6 +376,15 @@ def _destination(ckpt: Checkpoint, dst: Path, force: bool) -> str:
         raise UsageError(f"a .npz output needs a .npz input (JAX layout); write {ckpt.format} input as .safetensors")
     check_destination(dst, force=force)
     return fmt
+
+
+def _raw_output(ckpt: Checkpoint, fmt: str) -> bool:
+    """Whether every changed tensor is written as raw bytes (safetensors), so numpy-held ones will do."""
+    from .formats.folder import ShardedCheckpoint
+
+    if isinstance(ckpt, ShardedCheckpoint):
+        return all(s.format == "safetensors" for s in ckpt.shards.values())
+    return fmt == "safetensors"
 
 
 def dry_run_report(plan: Plan, dst: Path, *, force: bool, select: str | None) -> Report:
@@ -350,7 +424,7 @@ def execute(
     if ckpt is None:
         raise ValueError("this plan has no open checkpoint (was it closed?)")
     fmt = _destination(ckpt, dst, force)
-    resampled = _Resampled(plan, ckpt)
+    resampled = _Resampled(plan, ckpt, torch_free=_raw_output(ckpt, fmt))
     if fmt == "folder":
         return _execute_folder(plan, ckpt, resampled, dst, force=force, verify=verify, fsync=fsync, progress=progress)
     sds, left = _select(plan, ckpt, fmt, select)
@@ -369,7 +443,9 @@ def execute(
     except OSError as e:
         raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
     resampled()  # a no-op unless nothing was written from it (e.g. only another state dict changed)
-    return _report(plan, dst, fmt, written, sds, left, warnings=resampled.warnings, verified=verified)
+    return _report(
+        plan, dst, fmt, written, sds, left, warnings=resampled.warnings, verified=verified, engine=resampled.engine
+    )
 
 
 def _execute_folder(
@@ -400,5 +476,15 @@ def _execute_folder(
         f"{name} (another copy of the weights; only {next(iter(ckpt.shards))} was converted)"
         for name in ckpt.duplicates
     ]
-    rep = _report(plan, dst, "folder", written, (ROOT,), left, warnings=resampled.warnings, verified=verified)
+    rep = _report(
+        plan,
+        dst,
+        "folder",
+        written,
+        (ROOT,),
+        left,
+        warnings=resampled.warnings,
+        verified=verified,
+        engine=resampled.engine,
+    )
     return dataclasses.replace(rep, rewritten=tuple(rewritten), copied=tuple(copied))

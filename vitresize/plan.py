@@ -245,6 +245,9 @@ class Report:
     """Folder output: the files written anew (shards holding a changed tensor, the index)."""
     copied: tuple[str, ...] = ()
     """Folder output: the files copied as they are."""
+    engine: str | None = None
+    """What resampled the tensors: ``"numpy"`` (torch not imported; bit for bit as torch's kernel, see
+    :mod:`vitresize.resample.torchfree`) or ``"torch"``; ``None`` when nothing was resampled."""
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"schema": JSON_SCHEMA_VERSION, "command": "convert"}
@@ -259,6 +262,7 @@ class Report:
             left_out=list(self.left_out),
             warnings=list(self.warnings),
             verified=self.verified.to_dict() if self.verified else None,
+            engine=self.engine,
             files={"rewritten": list(self.rewritten), "copied": list(self.copied)}
             if self.dst_format == "folder"
             else None,

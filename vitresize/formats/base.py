@@ -57,6 +57,10 @@ class Checkpoint(ABC):
         """NaN and Inf elements of one tensor (0 for integer dtypes)."""
         return nonfinite(self.tensor(state_dict, key))
 
+    def raw_bytes(self, state_dict: str, key: str) -> bytes | None:
+        """One tensor's little-endian bytes read without torch, or ``None`` where the format cannot."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles and mappings."""
 

@@ -128,6 +128,9 @@ class ShardedCheckpoint(Checkpoint):
     def count_nonfinite(self, state_dict: str, key: str) -> int:
         return self.shards[self.shard_of[key]].count_nonfinite(ROOT, key)
 
+    def raw_bytes(self, state_dict: str, key: str) -> bytes | None:
+        return self.shards[self.shard_of[key]].raw_bytes(ROOT, key)
+
     def close(self) -> None:
         for shard in self.shards.values():
             shard.close()

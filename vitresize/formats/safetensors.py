@@ -28,6 +28,8 @@ from .base import ROOT, Checkpoint
 if TYPE_CHECKING:
     import torch
 
+    from ..resample.torchfree import Table
+
 __all__ = ["SafetensorsCheckpoint", "Segment", "read_header", "write_safetensors"]
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
@@ -141,6 +143,16 @@ class SafetensorsCheckpoint(Checkpoint):
 
         e = self.entries[key]
         dtype = getattr(torch, ST_DTYPES[e.dtype][0])
+        buf = self._read(key)
+        if not buf:
+            return torch.empty(e.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e.shape)
+
+    def raw_bytes(self, state_dict: str, key: str) -> bytes | None:
+        return bytes(self._read(key))
+
+    def _read(self, key: str) -> bytearray:
+        e = self.entries[key]
         n = e.end - e.start
         buf = bytearray(n)
         try:
@@ -151,9 +163,7 @@ class SafetensorsCheckpoint(Checkpoint):
             raise CheckpointFormatError(f"{self.path}: cannot read tensor {key!r}: {err.strerror}") from None
         if got != n:
             raise CheckpointFormatError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
-        if n == 0:
-            return torch.empty(e.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e.shape)
+        return buf
 
     def count_nonfinite(self, state_dict: str, key: str) -> int:
         """Counted from the raw bytes, without torch (``inspect`` of a safetensors file never imports it)."""
@@ -194,7 +204,7 @@ class Segment:
     shape: tuple[int, ...]
     nbytes: int
     copy_from: tuple[int, int] | None = None  # (source fd, offset)
-    tensor: Callable[[], torch.Tensor] | None = None
+    tensor: Callable[[], torch.Tensor | Table] | None = None
 
 
 Progress = Callable[[int], None]
@@ -281,8 +291,13 @@ def _hole_at(fd: int, offset: int, length: int) -> tuple[int, int]:
         return (length, 0) if e.errno == errno.ENXIO else (0, length)  # ENXIO: only holes from here on
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+def tensor_bytes(t: torch.Tensor | Table) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor (or a numpy-held :class:`Table`), without a copy when it is
+    contiguous."""
+    from ..resample.torchfree import Table
+
+    if isinstance(t, Table):
+        return t.to_bytes()
     import torch
 
     t = t.detach().cpu().contiguous()

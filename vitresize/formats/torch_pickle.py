@@ -237,15 +237,25 @@ class TorchCheckpoint(Checkpoint):
 
     def count_nonfinite(self, state_dict: str, key: str) -> int:
         """From the raw bytes where the index has them (``inspect`` of a zip file never imports torch)."""
-        ref = self._ref(state_dict, key)
-        rng = self._index.file_range(ref) if self._index is not None and ref is not None else None
-        if rng is None:
+        raw = self.raw_bytes(state_dict, key)
+        if raw is None:
             return super().count_nonfinite(state_dict, key)
         from ._dtypes import TORCH_TO_ST, count_nonfinite
 
+        return count_nonfinite(raw, TORCH_TO_ST.get(self.state_dicts[state_dict][key].dtype, ""))
+
+    def raw_bytes(self, state_dict: str, key: str) -> bytes | None:
+        """The bytes of a contiguous tensor of a stored zip member, read by offset (the index knows where)."""
+        ref = self._ref(state_dict, key)
+        rng = self._index.file_range(ref) if self._index is not None and ref is not None else None
+        if rng is None:
+            return None
         with open(self.path, "rb") as f:
             f.seek(rng[0])
-            return count_nonfinite(f.read(rng[1]), TORCH_TO_ST[ref.dtype])  # type: ignore[union-attr]
+            raw = f.read(rng[1])
+        if len(raw) != rng[1]:
+            raise CheckpointFormatError(f"{self.path}: tensor {key!r} is cut short (truncated file?)")
+        return raw
 
     def _ref(self, state_dict: str, key: str) -> TensorRef | None:
         if self._index is None:

@@ -1,0 +1,236 @@
+"""The torch-free resampler: bit for bit against timm's ``resample_abs_pos_embed``, on every kernel torch picks.
+
+Also: conversions that use it never import torch and write the same bytes as the torch path; anything it does
+not reproduce (another convention, a patch change, non-finite values) goes to torch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, fixture
+from timm.layers import resample_abs_pos_embed
+
+import vitresize
+from vitresize.resample import torchfree
+from vitresize.resample.conventions import METHODS, PATCH_BASIS
+from vitresize.resample.torchfree import kernel_variant, matches_convention, resample_pos_table
+
+VARIANT = kernel_variant()
+needs_variant = pytest.mark.skipif(VARIANT is None, reason="torch-free resampling is not verified on this platform")
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _sweep(seed: int, cases: int, variant: str) -> list[str]:
+    """Random tables (grids 1..40 -> 1..64, non-square, 0-5 prefix rows, fp32/fp16/bf16): the mismatches."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    bad = []
+    for _ in range(cases):
+        old = (rng.randint(1, 40), rng.randint(1, 40))
+        new = (rng.randint(1, 64), rng.randint(1, 64))
+        dim, prefix = rng.choice([2, 3, 8, 17, 64, 300]), rng.randint(0, 5)
+        dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+        scale = rng.choice([0.02, 1.0, 50.0])
+        pe = (torch.randn(1, prefix + old[0] * old[1], dim, generator=gen) * scale).to(dtype)
+        if rng.random() < 0.3:
+            pe = pe[0]  # [L, D] (open_clip, HF CLIP)
+        want = resample_abs_pos_embed(pe if pe.ndim == 3 else pe[None], list(new), list(old), prefix)
+        want = want if pe.ndim == 3 else want[0]
+        raw = pe.contiguous().view(torch.uint8).numpy().tobytes()
+        got = resample_pos_table(
+            raw,
+            str(dtype).removeprefix("torch."),
+            tuple(pe.shape),
+            old_grid=old,
+            new_grid=new,
+            num_prefix_tokens=prefix,
+            variant=variant,
+        )
+        case = f"{old}->{new} dim={dim} prefix={prefix} {dtype} {list(pe.shape)}"
+        if got is None:
+            bad.append(f"{case}: declined")
+        elif got.shape != tuple(want.shape) or got.to_bytes() != want.view(_INT_VIEW[dtype]).numpy().tobytes():
+            bad.append(f"{case}: differs")
+    return bad
+
+
+@needs_variant
+@pytest.mark.parametrize("seed", range(4))
+def test_equals_timm_bit_for_bit(seed: int) -> None:
+    assert VARIANT is not None
+    assert _sweep(seed, 60, VARIANT) == []
+
+
+@needs_variant
+def test_vit_giant_table_equals_timm() -> None:
+    pe = torch.randn(1, 257, 1408, generator=torch.Generator().manual_seed(0)) * 0.02
+    want = resample_abs_pos_embed(pe, [28, 28], [16, 16], num_prefix_tokens=1)
+    assert VARIANT is not None
+    got = resample_pos_table(
+        pe.numpy().tobytes(),
+        "float32",
+        (1, 257, 1408),
+        old_grid=(16, 16),
+        new_grid=(28, 28),
+        num_prefix_tokens=1,
+        variant=VARIANT,
+    )
+    assert got is not None and got.to_bytes() == want.numpy().tobytes()
+
+
+_SWEEP_SCRIPT = (
+    "import sys; sys.path.insert(0, 'tests')\n"
+    "import torch\n"
+    "from test_torchfree import _sweep\n"
+    "from vitresize.resample.torchfree import kernel_variant\n"
+    "print(torch.backends.cpu.get_cpu_capability(), kernel_variant())\n"
+    "bad = _sweep(7, 40, kernel_variant())\n"
+    "print(len(bad)); print(*bad[:5], sep='\\n')\n"
+)
+
+
+@needs_variant
+@pytest.mark.parametrize(("capability", "variant"), [("default", "plain"), ("avx2", "fma")])
+def test_other_torch_kernels(capability: str, variant: str) -> None:
+    """torch's other CPU builds of the kernel (ATEN_CPU_CAPABILITY picks one), in a fresh process."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run(
+        [sys.executable, "-c", _SWEEP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    assert out[0].split() == [capability.upper(), variant]
+    assert out[1] == "0", out[2:]
+
+
+def test_kernel_variant_follows_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    def variant(env: str | None = None, version: str = "2.14.1+cu130") -> str | None:
+        if env is None:
+            monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        else:
+            monkeypatch.setenv("ATEN_CPU_CAPABILITY", env)
+        monkeypatch.setattr(torchfree.metadata, "version", lambda _: version)
+        kernel_variant.cache_clear()
+        return kernel_variant()
+
+    try:
+        monkeypatch.setattr(torchfree.sys, "platform", "linux")
+        monkeypatch.setattr(torchfree.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(torchfree, "_cpu_flags", lambda: {"sse2", "avx2", "fma"})
+        assert variant() == "fma"
+        assert variant("avx512") == "fma"
+        assert variant("default") == "plain"
+        assert variant("zvector") is None
+        assert variant(version="2.13.0") is None  # not verified
+        monkeypatch.setattr(torchfree, "_cpu_flags", lambda: {"sse2", "avx"})
+        assert variant() == "plain"
+        monkeypatch.setattr(torchfree, "_cpu_flags", lambda: None)
+        assert variant() is None
+        monkeypatch.setattr(torchfree.platform, "machine", lambda: "aarch64")
+        assert variant() is None
+    finally:
+        monkeypatch.undo()
+        kernel_variant.cache_clear()
+
+
+@needs_variant
+def test_declines_what_it_does_not_reproduce() -> None:
+    assert VARIANT is not None
+
+    def run(t: torch.Tensor, prefix: int = 1) -> object:
+        return resample_pos_table(
+            t.view(torch.uint8).numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes(),
+            str(t.dtype).removeprefix("torch."),
+            tuple(t.shape),
+            old_grid=(2, 2),
+            new_grid=(3, 3),
+            num_prefix_tokens=prefix,
+            variant=VARIANT,
+        )
+
+    ok = torch.randn(1, 5, 4)
+    assert run(ok) is not None
+    nan = ok.clone()
+    nan[0, 3, 1] = float("nan")
+    assert run(nan) is None
+    assert run(torch.randn(1, 5, 1)) is None  # one channel: torch takes another loop
+    assert run(torch.randn(1, 5, 4).double()) is None
+    assert run(torch.randn(1, 6, 4)) is None  # rows do not add up
+    assert run(torch.randn(1, 5, 4), prefix=2) is None
+    big = torch.tensor([1.0, 3e38, -3e38, -3e38, 3e38]).reshape(1, 5, 1).expand(1, 5, 4).contiguous()
+    assert run(big) is None  # overshoots to Inf
+
+
+def test_matches_only_timms_convention() -> None:
+    assert matches_convention(METHODS["timm"]) and matches_convention(METHODS["open_clip"])
+    assert matches_convention(PATCH_BASIS)
+    for name in ("torchvision", "deit", "hf", "dinov2", "big_vision"):
+        assert not matches_convention(METHODS[name])
+
+
+_NO_TORCH_SCRIPT = (
+    "import sys\n"
+    "import vitresize\n"
+    "rep = vitresize.convert(sys.argv[1], sys.argv[2], img_size=int(sys.argv[3]))\n"
+    "print(rep.engine, 'torch' in sys.modules)\n"
+)
+
+
+@needs_variant
+@pytest.mark.parametrize(
+    ("name", "img"),
+    [
+        ("timm_vit_cls.safetensors", 48),
+        ("timm_vit_cls.pth", 24),
+        ("timm_vit_bf16.safetensors", 48),
+        ("timm_vit_fp16.pth", 48),
+        ("timm_vit_reg4.safetensors", 48),
+        ("deit_distilled.pth", 48),
+        ("families/open_clip.pth", 64),
+    ],
+)
+def test_convert_without_torch_writes_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, img: int
+) -> None:
+    fast = tmp_path / "fast.safetensors"
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_SCRIPT, fixture(name), fast, str(img)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.split() == ["numpy", "False"]
+    monkeypatch.setattr(torchfree, "kernel_variant", lambda: None)
+    slow = tmp_path / "slow.safetensors"
+    assert vitresize.convert(fixture(name), slow, img_size=img).engine == "torch"
+    assert fast.read_bytes() == slow.read_bytes()
+
+
+def test_a_folder_of_safetensors_shards_converts_without_torch(tmp_path: Path) -> None:
+    rep = vitresize.convert(fixture("families/hf_vit_sharded"), tmp_path / "o", img_size=48, method="timm")
+    assert rep.engine == ("numpy" if VARIANT else "torch")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dst"),
+    [
+        ({"img_size": 24, "patch": 4}, "o.safetensors"),  # a patch change needs torch's pinv
+        ({"img_size": 48, "method": "deit"}, "o.safetensors"),  # another convention
+        ({"img_size": 48}, "o.pth"),  # torch.save writes it
+    ],
+)
+def test_torch_does_the_rest(tmp_path: Path, kwargs: dict[str, object], dst: str) -> None:
+    rep = vitresize.convert(fixture("timm_vit_cls.pth"), tmp_path / dst, **kwargs)  # type: ignore[arg-type]
+    assert rep.engine == "torch"
+
+
+def test_nothing_to_resample_has_no_engine(tmp_path: Path) -> None:
+    rep = vitresize.convert(fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", img_size=32)
+    assert rep.engine is None and not rep.plan.changes
