@@ -20,8 +20,8 @@ x86-64 CPU with AVX2 and FMA, the cubic polynomial is fused, and a sum of ``n`` 
 scalar tail). In the DEFAULT build (older CPUs, or ``ATEN_CPU_CAPABILITY=default``) nothing is fused.
 
 This was read off torch 2.14 and is checked against ``timm.layers.resample_abs_pos_embed`` by the tests, so it
-is only used where it was verified: x86-64 Linux, a verified torch version installed, finite input, a table of
-float32, float16 or bfloat16 at least 2 wide. Anywhere else :func:`kernel_variant` or
+is only used where it was verified: x86-64 Linux, a verified torch version installed, numpy 2, finite input, a
+table of float32, float16 or bfloat16 at least 2 wide. Anywhere else :func:`kernel_variant` or
 :func:`resample_pos_table` says no and the caller uses torch.
 """
 
@@ -82,6 +82,10 @@ def kernel_variant() -> str | None:
     except metadata.PackageNotFoundError:
         return None
     if not version.startswith(VERIFIED_TORCH) or sys.byteorder != "little":
+        return None
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) < 2:  # numpy 1's promotion rules differ (NEP 50); not verified
         return None
     wanted = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if wanted == "default":
