@@ -234,3 +234,14 @@ def test_torch_does_the_rest(tmp_path: Path, kwargs: dict[str, object], dst: str
 def test_nothing_to_resample_has_no_engine(tmp_path: Path) -> None:
     rep = vitresize.convert(fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", img_size=32)
     assert rep.engine is None and not rep.plan.changes
+
+
+def test_verbose_and_json_say_what_resampled(tmp_path: Path, run: object) -> None:
+    import json
+
+    res = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", "--img-size", "48", "-v")  # type: ignore[operator]
+    assert res.exit_code == 0
+    assert "resampled by" in res.stdout
+    assert ("torch not imported" in res.stdout) == (VARIANT is not None)
+    res = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.pth", "--img-size", "48", "--json")  # type: ignore[operator]
+    assert json.loads(res.stdout)["engine"] == "torch"

@@ -155,6 +155,9 @@ def report(rep: Report, *, verbose: bool = False) -> None:
         )
     if verbose:
         rows.append(("source", escape(f"{plan.src} ({plan.src_format}); grid from {e.geometry_from}")))
+        if rep.engine is not None:
+            how = "numpy, bit for bit as torch's CPU kernel; torch not imported" if rep.engine == "numpy" else "torch"
+            rows.append(("resampled by", how))
         for other in plan.models[1:]:
             rows.append(("also", escape(f"{_sd(other.embedding.state_dict)}: {other.embedding.pos_key}")))
     _out.print(_summary(rows))

@@ -34,9 +34,12 @@ __all__ = ["SafetensorsCheckpoint", "Segment", "read_header", "write_safetensors
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 _COPY_CHUNK = 16 * 1024 * 1024  # buffered fallback
-# copy_file_range: few chunks, because between two the copy thread must win the GIL back from the main
-# thread (importing torch), which costs up to the 5 ms switch interval each time; 256 MiB is ~0.1 s of copy.
-_COPY_CHUNK_CFR = 256 * 1024 * 1024
+# copy_file_range: ask for as much as the kernel takes in one call (MAX_RW_COUNT), as cp does. Measured on
+# this project's VM (ext4, 4 GB, medians of 5, page cache synced before each run): calls of 8 MiB to 1 GiB
+# took 3.8-4.6 s where calls of 2 GiB took 1.6-1.9 s, as fast as cp; fewer calls also mean fewer GIL
+# hand-overs with a main thread that is importing torch.
+_COPY_CHUNK_CFR = 0x7FFFF000
+_WRITE_CHUNK = 256 * 1024 * 1024  # pwrite of produced tensors
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ Progress = Callable[[int], None]
 def _write_all(fd: int, data: memoryview, offset: int, progress: Progress | None = None) -> None:
     """``pwrite`` all of ``data`` at ``offset``."""
     while data:
-        n = os.pwrite(fd, data[:_COPY_CHUNK_CFR], offset)
+        n = os.pwrite(fd, data[:_WRITE_CHUNK], offset)
         data = data[n:]
         offset += n
         if progress:
