@@ -184,3 +184,47 @@ def test_a_sparse_file_bigger_than_memory_converts(tmp_path: Path) -> None:
     with open(dst, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         assert json.loads(f.read(n))["pos_embed"]["shape"] == [1, 37, 16]
+
+
+@pytest.mark.parametrize("platform", ["linux", "other"])
+def test_copier_process_or_thread_same_file_and_progress(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, platform: str
+) -> None:
+    """The copy runs in a forked child on Linux, a thread elsewhere: same bytes, and progress adds up."""
+    import vitresize.formats.safetensors as st
+
+    ref = tmp_path / "ref.safetensors"
+    vitresize.convert(fixture("timm_vit_reg4.safetensors"), ref, img_size=48)
+    if platform != "linux":
+        monkeypatch.setattr(st, "_FORK_COPIES", False)
+    ticks: list[tuple[int, int]] = []
+    dst = tmp_path / "o.safetensors"
+    vitresize.convert(
+        fixture("timm_vit_reg4.safetensors"), dst, img_size=48, progress=lambda d, t: ticks.append((d, t))
+    )
+    assert dst.read_bytes() == ref.read_bytes()
+    assert ticks and ticks[-1][0] == dst.stat().st_size
+
+
+def test_a_failing_producer_stops_the_copy_process(tmp_path: Path) -> None:
+    """When a tensor cannot be produced, the copying child is killed and reaped, and the error surfaces."""
+    import vitresize.formats.safetensors as st
+
+    src = fixture("timm_vit_reg4.safetensors")
+    _, entries, _ = st.read_header(src)
+    fd = os.open(src, os.O_RDONLY)
+
+    def boom() -> torch.Tensor:
+        raise RuntimeError("cannot produce")
+
+    try:
+        segments = [
+            st.Segment(k, "float32", e.shape, e.end - e.start, copy_from=(fd, e.start)) for k, e in entries.items()
+        ]
+        segments.append(st.Segment("extra", "float32", (2,), 8, tensor=boom))
+        with pytest.raises(RuntimeError, match="cannot produce"):
+            st.write_safetensors(tmp_path / "o.safetensors", segments, {})
+    finally:
+        os.close(fd)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child left behind, not even a zombie
