@@ -228,3 +228,18 @@ def test_a_failing_producer_stops_the_copy_process(tmp_path: Path) -> None:
         os.close(fd)
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # no child left behind, not even a zombie
+
+
+def test_a_refused_fork_copies_in_a_thread(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import errno
+
+    ref = tmp_path / "ref.safetensors"
+    vitresize.convert(fixture("timm_vit_cls.pth"), ref, img_size=48)
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    dst = tmp_path / "o.safetensors"
+    vitresize.convert(fixture("timm_vit_cls.pth"), dst, img_size=48)
+    assert dst.read_bytes() == ref.read_bytes()

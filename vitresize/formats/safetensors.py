@@ -417,7 +417,10 @@ def _start_copier(copies: Copies, dst_fd: int, progress: Progress | None) -> _Co
     if not copies:
         return _ThreadCopier([], dst_fd, progress)
     if _FORK_COPIES:
-        return _ForkCopier(copies, dst_fd, progress)
+        try:
+            return _ForkCopier(copies, dst_fd, progress)
+        except OSError:  # EAGAIN/ENOMEM from fork (process limits): copy in a thread instead
+            pass
     return _ThreadCopier(copies, dst_fd, progress)
 
 
@@ -459,7 +462,12 @@ class _ForkCopier(_Copier):
 
     def __init__(self, copies: Copies, dst_fd: int, progress: Progress | None) -> None:
         read_end, write_end = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
         if pid == 0:  # the child: system calls only, then _exit (no atexit, no buffers flushed twice)
             code = 0
             try:
