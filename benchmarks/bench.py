@@ -5,7 +5,8 @@ are written once under ``$VITRESIZE_BENCH_DIR`` (default ``~/.cache/vitresize-be
 as zip .pth. Every command runs as its own process; wall time and that process's peak RSS (``wait4``) are
 taken, medians of ``--repeat`` runs, page cache warm. Ratios are against baselines of the same run:
 
-* wall / cp            -- conversion time over ``cp`` of the same file
+* wall / cp            -- conversion time over ``cp`` of the same file: the median over rounds of the two
+                          measured back to back in each round
 * RSS / file           -- peak RSS over the file size
 * RSS - torch          -- peak RSS minus that of ``python -c "import torch"``
 * vs timm              -- the timm route's wall and peak RSS over vitresize's (create_model at the new
@@ -138,6 +139,13 @@ def _write_checkpoints(m: Model, folder: Path) -> None:
 class Run:
     wall: float
     rss: int  # bytes
+    walls: tuple[float, ...] = ()  # every round's wall time, in order
+
+
+def paired_ratio(run: Run, base: Run) -> float:
+    """Median over rounds of ``run / base`` within each round: the two ran back to back, so a round where the
+    disk was slow for both cancels out (a ratio of medians does not)."""
+    return statistics.median(a / b for a, b in zip(run.walls, base.walls, strict=True))
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,7 @@ def measure_interleaved(cmds: dict[str, Cmd], repeat: int) -> dict[str, Run]:
         for name, cmd in cmds.items():
             samples[name].append(_run_once(cmd))
     return {
-        name: Run(statistics.median(w for w, _ in s), int(statistics.median(r for _, r in s)))
+        name: Run(statistics.median(w for w, _ in s), int(statistics.median(r for _, r in s)), tuple(w for w, _ in s))
         for name, s in samples.items()
     }
 
@@ -255,7 +263,7 @@ def bench(models: list[Model], folder: Path, repeat: int, timm_repeat: int) -> l
                             f"{size / 1e9:.2f} GB",
                             op,
                             f"{run.wall:.2f} s",
-                            f"{run.wall / cp.wall:.2f}",
+                            f"{paired_ratio(run, cp):.2f}",
                             f"{run.rss / MIB:.0f} MiB",
                             f"{run.rss / size:.2f}",
                             f"{(run.rss - torch_base.rss) / MIB:+.0f} MiB",
