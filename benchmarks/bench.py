@@ -335,7 +335,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="ViT-B only (CI smoke run)")
     ap.add_argument("--huge", action="store_true", help="the ViT-22B-sized sparse scale check only")
-    ap.add_argument("--repeat", type=int, default=5, help="rounds of cp and vitresize runs (medians)")
+    ap.add_argument("--repeat", type=int, default=7, help="rounds of cp and vitresize runs (medians)")
     ap.add_argument("--make", help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="+", metavar="MODEL", help="e.g. --only ViT-H/14 ViT-g/14")
     ap.add_argument("--timm-repeat", type=int, default=1, help="runs of the (slow) timm route per file")
