@@ -43,7 +43,7 @@ _EXPONENT: dict[str, tuple[str, int]] = {
 }
 
 
-def count_nonfinite(raw: bytes, dtype: str) -> int:
+def count_nonfinite(raw: bytes | bytearray, dtype: str) -> int:
     """NaN and Inf elements in the little-endian bytes of a safetensors ``dtype`` (0 for non-float types)."""
     if dtype not in _EXPONENT or not raw:
         return 0

@@ -18,6 +18,7 @@ import struct
 import sys
 import threading
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,10 +175,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def count_nonfinite(self, state_dict: str, key: str) -> int:
         """Counted from the raw bytes, without torch (``inspect`` of a safetensors file never imports it)."""
-        e = self.entries[key]
-        with open(self.path, "rb") as f:
-            f.seek(e.start)
-            return count_nonfinite(f.read(e.end - e.start), e.dtype)
+        return count_nonfinite(self._read(key), self.entries[key].dtype)
 
     def mapped_tensor(self, key: str) -> torch.Tensor:
         """A tensor backed by a private (copy-on-write) mapping of the file: no bytes are read until used."""
@@ -391,20 +389,20 @@ def write_safetensors(
 Copies = list[tuple[int, int, int, int]]  # (src_fd, offset, length, dst_offset)
 
 
-class _Copier:
+class _Copier(ABC):
     """The byte-range copies of one output, running beside the thread that produces the other tensors."""
 
+    @abstractmethod
     def failed(self) -> bool:
         """Whether the copy has failed already (the producer may stop early)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def join(self) -> None:
         """Wait for the copies; raise what made them fail."""
-        raise NotImplementedError
 
+    @abstractmethod
     def cancel(self) -> None:
         """Stop copying and wait until nothing writes to the output any more."""
-        raise NotImplementedError
 
 
 def _start_copier(copies: Copies, dst_fd: int, progress: Progress | None) -> _Copier:

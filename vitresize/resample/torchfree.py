@@ -158,13 +158,15 @@ def resample_pos_table(
     grid = values[num_prefix_tokens:].reshape(oh, ow, dim)
     out = np.empty((nh, nw, dim), np.float32)
     fused = variant == "fma"
+    # (axis, its weights), width first as torch does; an axis that keeps its size is skipped
+    passes = [
+        (axis, _axis_weights(n_in, n_out, fused)) for axis, n_in, n_out in ((1, ow, nw), (0, oh, nh)) if n_in != n_out
+    ]
     with np.errstate(all="ignore"):  # an overflow gives Inf as in torch, and is declined below
         for c in range(0, dim, _CHANNEL_BLOCK):
             block = np.ascontiguousarray(grid[:, :, c : c + _CHANNEL_BLOCK])
-            if nw != ow:
-                block = _resample_axis(block, 1, nw, fused)
-            if nh != oh:
-                block = _resample_axis(block, 0, nh, fused)
+            for axis, weights in passes:
+                block = _resample_axis(block, axis, weights, fused)
             out[:, :, c : c + _CHANNEL_BLOCK] = block
     if not np.isfinite(out).all():
         return None
@@ -234,9 +236,10 @@ def _cubic(x: npt.NDArray[np.float32], fused: bool) -> npt.NDArray[np.float32]:
     return np.where(x < 1, near, np.where(x < 2, far, f32(0))).astype(np.float32)
 
 
-def _axis_weights(
-    n_in: int, n_out: int, fused: bool
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+_Weights = tuple["npt.NDArray[np.int64]", "npt.NDArray[np.int64]", "npt.NDArray[np.float32]"]
+
+
+def _axis_weights(n_in: int, n_out: int, fused: bool) -> _Weights:
     """``(first tap, number of taps, weights [n_out, max taps])`` of one axis, as the kernel computes them
     (``_compute_indices_min_size_weights_aa`` with ``scalar_t = float``)."""
     import numpy as np
@@ -263,12 +266,12 @@ def _axis_weights(
     return first, count, norm.astype(np.float32)
 
 
-def _resample_axis(src: npt.NDArray[np.float32], axis: int, n_out: int, fused: bool) -> npt.NDArray[np.float32]:
-    """Resample ``src`` along ``axis`` (``interpolate_aa_single_dim``)."""
+def _resample_axis(src: npt.NDArray[np.float32], axis: int, weights: _Weights, fused: bool) -> npt.NDArray[np.float32]:
+    """Resample ``src`` along ``axis`` with that axis's :func:`_axis_weights` (``interpolate_aa_single_dim``)."""
     import numpy as np
 
     n_in = src.shape[axis]
-    first, count, w = _axis_weights(n_in, n_out, fused)
+    first, count, w = weights
     s = np.moveaxis(src, axis, -1)
     acc = s[..., first] * w[:, 0]
     # Products 1 .. unfused[i] are added unfused (the vectorized part of the reduction), the rest fused.
