@@ -12,6 +12,9 @@ ST_DTYPES: dict[str, tuple[str, int]] = {
     "I8": ("int8", 1),
     "F8_E5M2": ("float8_e5m2", 1),
     "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),  # torch >= 2.7
     "I16": ("int16", 2),
     "U16": ("uint16", 2),
     "F16": ("float16", 2),
@@ -25,6 +28,9 @@ ST_DTYPES: dict[str, tuple[str, int]] = {
     "U64": ("uint64", 8),
 }
 TORCH_TO_ST: dict[str, str] = {name: code for code, (name, _) in ST_DTYPES.items()}
+# Every code safetensors (0.8) reads, with its bits per element: the floats packed below a byte (F4 two to a byte,
+# F6 four to three bytes) are valid in a file but not read by vitresize.
+ST_BITS: dict[str, int] = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6} | {code: 8 * n for code, (_, n) in ST_DTYPES.items()}
 
 
 def nbytes(shape: tuple[int, ...], dtype: str) -> int:

@@ -106,7 +106,10 @@ class NpzCheckpoint(Checkpoint):
         import numpy as np
         import torch
 
-        arr = np.ascontiguousarray(self.array(key))
+        arr = self.array(key)
+        # Native byte order (torch refuses any other, and .safetensors/.pth hold little-endian bytes); the .npz
+        # writer copies unchanged members as stored, so big-endian arrays stay big-endian there.
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
         if key in self.raw_bf16:
             return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(arr)

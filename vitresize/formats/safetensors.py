@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import json
+import math
 import mmap
 import os
+import re
+import reprlib
 import signal
 import struct
 import sys
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError
 from ..keymaps import TensorInfo
-from ._dtypes import ST_DTYPES, TORCH_TO_ST, count_nonfinite
+from ._dtypes import ST_BITS, ST_DTYPES, TORCH_TO_ST, count_nonfinite
 from .base import ROOT, Checkpoint
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SafetensorsCheckpoint", "Segment", "read_header", "write_safetensors"]
 
-MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER = 100_000_000  # the limit safetensors itself enforces (HeaderTooLarge)
 _COPY_CHUNK = 16 * 1024 * 1024  # buffered fallback
 # copy_file_range: ask for as much as the kernel takes in one call (MAX_RW_COUNT), as cp does. Measured on
 # this project's VM (ext4, 4 GB, medians of 5, page cache synced before each run): calls of 8 MiB to 1 GiB
@@ -56,13 +58,19 @@ class _Entry:
 
 
 def read_header(path: Path) -> tuple[int, dict[str, _Entry], dict[str, str]]:
-    """Read and validate a safetensors header.
+    """Read and validate a safetensors header: a file passes exactly when ``safetensors.safe_open`` reads it.
+
+    The checks are those of the safetensors library (0.8) and of serde_json, which parses its headers: each
+    tensor's dtype, shape and offsets typed exactly (dimensions and offsets are JSON integers from 0 to 2**64 - 1),
+    the tensors laid end to end from the start of the data section to the end of the file, and each one's size
+    agreeing with its shape and dtype.
 
     Returns:
         ``(data_start, entries, metadata)``, offsets in ``entries`` absolute in the file.
 
     Raises:
-        CheckpointFormatError: the header is cut short, not JSON, or describes tensors that do not fit.
+        CheckpointFormatError: the file is not one safetensors reads, or it holds packed sub-byte floats
+            (F4, F6_E2M3, F6_E3M2), which vitresize does not read.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -70,66 +78,274 @@ def read_header(path: Path) -> tuple[int, dict[str, _Entry], dict[str, str]]:
         if len(head) < 8:
             raise CheckpointFormatError(f"{path} is not a valid safetensors file: shorter than its 8-byte header")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER:
+            raise CheckpointFormatError(
+                f"{path} is not a valid safetensors file: it gives a header of {n} bytes, over safetensors' limit "
+                f"of {MAX_HEADER} (not a safetensors file, or its first 8 bytes are corrupt)"
+            )
+        if 8 + n > size:
             raise CheckpointFormatError(
                 f"{path} is not a valid safetensors file: header of {n} bytes does not fit in a {size}-byte file "
                 f"(truncated download?)"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointFormatError(f"{path} is not a valid safetensors file: header is not JSON ({e})") from None
-    if not isinstance(header, dict):
+    header = _parse_json(path, raw)
+    if not isinstance(header, _Object):
         raise CheckpointFormatError(f"{path} is not a valid safetensors file: header is not a JSON object")
+    meta: dict[str, str] = {}
+    specs: dict[str, _Entry] = {}  # offsets relative to the data section
+    seen_meta = False
+    for name, value in header:
+        if name != "__metadata__":
+            specs[name] = _validate_entry(path, name, value)  # a name given twice: the last counts, as in safetensors
+        elif seen_meta:
+            raise CheckpointFormatError(f"{path} is corrupt: its header gives __metadata__ twice")
+        else:
+            seen_meta = True
+            meta = _metadata(path, value)
     data_start = 8 + n
-    data_len = size - data_start
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings")
+    _check_layout(path, specs, size - data_start)
     entries: dict[str, _Entry] = {}
-    for name, spec in header.items():
-        entries[name] = _validate_entry(path, name, spec, data_len, data_start)
-    spans = sorted((e.start, e.end, k) for k, e in entries.items() if e.end > e.start)
-    for (_, end_a, a), (start_b, _, b) in itertools.pairwise(spans):
-        if start_b < end_a:
-            raise CheckpointFormatError(f"{path} is corrupt: tensors {a!r} and {b!r} overlap")
-        if start_b > end_a:
-            raise CheckpointFormatError(f"{path} is corrupt: {start_b - end_a} bytes between tensors {a!r} and {b!r}")
-    covered = (spans[-1][1] if spans else data_start) - data_start
-    if (spans and spans[0][0] != data_start) or covered != data_len:
+    for name, e in specs.items():
+        if e.dtype not in ST_DTYPES:
+            raise CheckpointFormatError(
+                f"{path}: tensor {name!r} has dtype {e.dtype} (packed sub-byte floats), which vitresize does not "
+                f"support; cast it to F8/F16 before converting"
+            )
+        entries[name] = _Entry(e.dtype, e.shape, data_start + e.start, data_start + e.end)
+    return data_start, entries, meta
+
+
+def _validate_entry(path: Path, name: str, spec: Any) -> _Entry:
+    """One tensor's ``{"dtype", "shape", "data_offsets"}`` (offsets relative to the data section), typed as
+    safetensors' serde structs take it: other keys are ignored and a repeated one refused; serde also reads the
+    struct from an array of the three values in order, and the dtype from ``{"F32": null}``."""
+    bad = f"{path} is corrupt: header entry for tensor {name!r}"
+    if isinstance(spec, _Object):
+        fields: dict[str, Any] = {}
+        for key, value in spec:
+            if key not in _FIELDS:
+                problem = _ignored_value_problem(value)
+                if problem:
+                    raise CheckpointFormatError(f"{bad}: {key!r} {problem}, which safetensors' JSON parser refuses")
+            elif key in fields:
+                raise CheckpointFormatError(f"{bad} gives {key!r} twice")
+            else:
+                fields[key] = value
+        missing = [k for k in _FIELDS if k not in fields]
+        if missing:
+            raise CheckpointFormatError(f"{bad} has no {missing[0]!r}")
+        dtype, shape, offsets = (fields[k] for k in _FIELDS)
+    elif type(spec) is list and len(spec) == len(_FIELDS):
+        dtype, shape, offsets = spec
+    else:
+        raise CheckpointFormatError(f"{bad} is {_show(spec)}, not an object of dtype, shape and data_offsets")
+    if isinstance(dtype, _Object) and len(dtype) == 1 and dtype[0][1] is None:
+        dtype = dtype[0][0]
+    if not isinstance(dtype, str) or dtype not in ST_BITS:
+        raise CheckpointFormatError(f"{bad} has dtype {_show(dtype)}, which is not a safetensors dtype")
+    if type(shape) is not list or not all(type(d) is int and 0 <= d <= _U64 for d in shape):
+        raise CheckpointFormatError(f"{bad} has shape {_show(shape)}; dimensions are JSON integers from 0 to 2**64-1")
+    if type(offsets) is not list or len(offsets) != 2 or not all(type(o) is int and 0 <= o <= _U64 for o in offsets):
         raise CheckpointFormatError(
-            f"{path} is corrupt: its tensors cover {covered} of the {data_len} bytes after the header "
+            f"{bad} has data_offsets {_show(offsets)}; they are [start, end], JSON integers from 0 to 2**64-1"
+        )
+    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _metadata(path: Path, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, _Object) and all(isinstance(v, str) for _, v in value):
+        return dict(value)  # a key given twice: the last counts, as in safetensors
+    raise CheckpointFormatError(f"{path}: __metadata__ must be null or an object of strings, not {_show(value)}")
+
+
+def _check_layout(path: Path, specs: dict[str, _Entry], data_len: int) -> None:
+    """The checks of safetensors' ``Metadata::validate``: in offset order, each tensor starts where the one before
+    ends (the first at 0), its size follows from its shape and dtype (no 64-bit overflow, whole bytes), and the last
+    one ends at the end of the file."""
+    at, before = 0, ""
+    for name, e in sorted(specs.items(), key=lambda item: (item[1].start, item[1].end)):
+        if e.end < e.start:
+            raise CheckpointFormatError(f"{path} is corrupt: tensor {name!r} ends at byte {e.end}, before its start")
+        if e.start < at:
+            raise CheckpointFormatError(f"{path} is corrupt: tensors {before!r} and {name!r} overlap")
+        if e.start > at:
+            raise CheckpointFormatError(
+                f"{path} is corrupt: {e.start - at} bytes before tensor {name!r} belong to no tensor (offsets edited?)"
+            )
+        if e.end > data_len:
+            raise CheckpointFormatError(
+                f"{path} is corrupt or truncated: tensor {name!r} lies at bytes {e.start}-{e.end} "
+                f"of a {data_len}-byte data section"
+            )
+        numel = 1
+        for d in e.shape:
+            numel *= d
+            if numel > _U64:
+                break
+        bits = numel * ST_BITS[e.dtype]
+        what = f"tensor {name!r} ({e.dtype} {list(e.shape)})"
+        if bits > _U64:
+            raise CheckpointFormatError(f"{path} is corrupt: {what} has more bytes than a 64-bit size can count")
+        if bits % 8:
+            raise CheckpointFormatError(f"{path} is corrupt: {what} does not fill a whole number of bytes")
+        if e.end - e.start != bits // 8:
+            raise CheckpointFormatError(
+                f"{path} is corrupt: {what} needs {bits // 8} bytes, header gives {e.end - e.start}"
+            )
+        at, before = e.end, name
+    if at != data_len:
+        raise CheckpointFormatError(
+            f"{path} is corrupt: its tensors cover {at} of the {data_len} bytes after the header "
             f"(bytes appended, or offsets edited?)"
         )
-    return data_start, entries, dict(meta)
 
 
-def _validate_entry(path: Path, name: str, spec: Any, data_len: int, data_start: int) -> _Entry:
+# --- the header's JSON, read as serde_json reads it ------------------------------------------------------
+
+
+class _Object(list[tuple[str, Any]]):
+    """A JSON object as its ``(key, value)`` pairs, repeated keys kept: serde refuses some, takes the last of others."""
+
+    def __repr__(self) -> str:
+        return "{...}"
+
+
+_U64 = 2**64 - 1
+_MAX_DEPTH = 127  # serde_json's recursion limit: 128 nested arrays/objects are refused
+_FIELDS = ("dtype", "shape", "data_offsets")
+_NEGATIVE_ZERO = re.compile(r"-0(?![.\deE])")  # an integer serde_json types as f64 (or a string holds it)
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NUMBER = re.compile(r"-?(\d+)(?:\.(\d+))?(?:[eE]([-+]?)(\d+))?")
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 40
+
+
+def _show(value: Any) -> str:
+    """A header value in an error message: short, on one line."""
+    return _SHOW.repr(value)
+
+
+def _parse_json(path: Path, raw: bytes) -> Any:
+    """The header's JSON as serde_json (safetensors' parser) takes it: strict UTF-8, numbers typed as serde types
+    them (no NaN/Infinity, no infinite f64), no unpaired surrogate escapes. Objects come back as :class:`_Object`,
+    so repeated keys are seen; nesting deeper than ``json`` can recurse is refused here, the depth of the values
+    serde would take (127 levels) is checked by :func:`_validate_entry`."""
     try:
-        dtype, shape, (start, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
-        shape = tuple(int(s) for s in shape)
-        start, end = int(start), int(end)
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointFormatError(f"{path} is corrupt: bad header entry for {name!r}") from None
-    if dtype not in ST_DTYPES:
-        raise CheckpointFormatError(f"{path}: tensor {name!r} has dtype {dtype!r}, which vitresize does not support")
-    numel = 1
-    for s in shape:
-        if s < 0:
-            raise CheckpointFormatError(f"{path} is corrupt: tensor {name!r} has a negative dimension")
-        numel *= s
-    if not 0 <= start <= end <= data_len:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
         raise CheckpointFormatError(
-            f"{path} is corrupt or truncated: tensor {name!r} lies at bytes {start}-{end} "
-            f"of a {data_len}-byte data section"
+            f"{path} is not a valid safetensors file: header is not UTF-8 (byte {e.start} of it)"
+        ) from None
+    parse_int = _json_int if _NEGATIVE_ZERO.search(text) else int  # the hook costs a call per integer
+    try:
+        header = json.loads(
+            text, object_pairs_hook=_Object, parse_int=parse_int, parse_float=_json_float, parse_constant=_no_constant
         )
-    if end - start != numel * ST_DTYPES[dtype][1]:
+    except RecursionError:
         raise CheckpointFormatError(
-            f"{path} is corrupt: tensor {name!r} ({dtype} {list(shape)}) needs {numel * ST_DTYPES[dtype][1]} bytes, "
-            f"header gives {end - start}"
+            f"{path} is not a valid safetensors file: header nests deeper than {_MAX_DEPTH} levels, "
+            f"which safetensors' JSON parser refuses"
+        ) from None
+    except ValueError as e:
+        raise CheckpointFormatError(f"{path} is not a valid safetensors file: header is not JSON ({e})") from None
+    if _MAYBE_SURROGATE.search(text) and any(_SURROGATE.search(s) for s in _strings(header)):
+        raise CheckpointFormatError(
+            f"{path} is not a valid safetensors file: header holds an unpaired UTF-16 surrogate escape (\\udXXX)"
         )
-    return _Entry(dtype, shape, data_start + start, data_start + end)
+    return header
+
+
+def _ignored_value_problem(value: Any) -> str | None:
+    """Why serde_json refuses a value of a tensor entry that safetensors ignores but parses all the same: arrays and
+    objects nested deeper than its limit (the header and the entry are two levels), or an integer beyond the u64
+    and i64 ranges whose f64 is infinite. None where it takes the value. Without recursion."""
+    stack = [(value, 3)]
+    while stack:
+        v, level = stack.pop()
+        if isinstance(v, list):
+            if level > _MAX_DEPTH:
+                return f"nests deeper than {_MAX_DEPTH} levels"
+            stack.extend((item[1] if isinstance(v, _Object) else item, level + 1) for item in v)
+        elif type(v) is int and not -(2**63) <= v <= _U64 and not _serde_f64_finite(str(v)):
+            return "holds a number out of range"
+    return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string of parsed JSON, keys included, without recursion."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, _Object):
+            for key, item in v:
+                yield key
+                stack.append(item)
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def _json_int(literal: str) -> int | float:
+    """A JSON integer typed as serde_json types it: an integer where a u64 or an i64 holds it, else (``-0`` too) an
+    f64, which no dimension or offset accepts."""
+    if len(literal) <= 20:
+        value = int(literal)
+        if -(2**63) <= value <= _U64 and literal != "-0":
+            return value
+    return _json_float(literal)
+
+
+def _json_float(literal: str) -> float:
+    value = float(literal)
+    if abs(value) < 1e307 or _serde_f64_finite(literal):
+        return value
+    raise ValueError(f"number {literal if len(literal) < 24 else literal[:20] + '...'} is out of range")
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _serde_f64_finite(literal: str) -> bool:
+    """Whether serde_json (without ``float_roundtrip``, as safetensors builds it) reads a JSON number as a finite
+    f64: it keeps the leading digits that fit a u64, counts the dropped integer digits into the exponent, and
+    multiplies by a power of ten, refusing an infinite result."""
+    m = _NUMBER.fullmatch(literal)
+    assert m is not None, literal  # json matched it as a number
+    digits, fraction, sign, exp_digits = m.groups()
+    significand, kept = _leading_digits(0, digits)
+    exponent = len(digits) - kept
+    if fraction is not None:
+        significand, kept = _leading_digits(significand, fraction)
+        exponent -= kept
+    if exp_digits is not None:
+        exp = int(exp_digits.lstrip("0") or "0") if len(exp_digits.lstrip("0")) <= 10 else 2**31
+        if exp > 2**31 - 1:  # the exponent overflows an i32: serde gives 0, or refuses a non-zero number grown huge
+            return significand == 0 or sign == "-"
+        exponent += -exp if sign == "-" else exp
+    if exponent < 0 or significand == 0:
+        return True
+    return exponent <= 308 and not math.isinf(float(significand) * float(f"1e{exponent}"))
+
+
+def _leading_digits(significand: int, digits: str) -> tuple[int, int]:
+    """``significand`` extended by the digits of ``digits`` up to the first that would overflow a u64, and how many
+    digits were taken."""
+    kept = 0
+    if significand == 0:
+        rest = digits.lstrip("0")
+        kept, digits = len(digits) - len(rest), rest
+    for c in digits[:21]:
+        nxt = significand * 10 + int(c)
+        if nxt > _U64:
+            break
+        significand, kept = nxt, kept + 1
+    return significand, kept
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -150,11 +366,22 @@ class SafetensorsCheckpoint(Checkpoint):
         import torch
 
         e = self.entries[key]
-        dtype = getattr(torch, ST_DTYPES[e.dtype][0])
+        dtype = self._dtype(key)
         buf = self._read(key)
         if not buf:
             return torch.empty(e.shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e.shape)
+
+    def _dtype(self, key: str) -> torch.dtype:
+        import torch
+
+        code = self.entries[key].dtype
+        dtype = getattr(torch, ST_DTYPES[code][0], None)
+        if not isinstance(dtype, torch.dtype):  # float8_e8m0fnu came with torch 2.7
+            raise CheckpointFormatError(
+                f"{self.path}: tensor {key!r} is {code}, which torch {torch.__version__} cannot hold; upgrade torch"
+            )
+        return dtype
 
     def raw_bytes(self, state_dict: str, key: str) -> bytes | None:
         return bytes(self._read(key))
@@ -182,7 +409,7 @@ class SafetensorsCheckpoint(Checkpoint):
         import torch
 
         e = self.entries[key]
-        dtype = getattr(torch, ST_DTYPES[e.dtype][0])
+        dtype = self._dtype(key)
         if e.end == e.start:
             return torch.empty(e.shape, dtype=dtype)
         if self._mmap is None:
