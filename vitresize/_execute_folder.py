@@ -1,16 +1,21 @@
 """Write a model folder: only the files holding a changed tensor are rewritten (and ``config.json`` gets the
-new geometry); the rest is copied."""
+new geometry); the rest is copied.
+
+What is copied is what :func:`~vitresize.formats.folder.scan_folder` let through: regular files (a link
+inside the folder comes out as a copy of its file), in the folder and its subfolders. Every file and folder
+of the output keeps its source's permission bits, never wider (``& ~umask``).
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._verify import Verification, verify_output
 from .formats import ROOT
-from .formats.atomic import atomic_folder
+from .formats.atomic import atomic_folder, permissions
+from .formats.folder import copy_regular
 
 if TYPE_CHECKING:
     from ._execute import _Resampled
@@ -41,38 +46,44 @@ def write_folder(
     rewritten, copied = [], []
     checked = [0, 0]
     total = 0
-    with atomic_folder(dst, force=force, fsync=fsync) as tmp:
-        for item in sorted(ckpt.path.iterdir()):
-            out = tmp / item.name
-            shard = ckpt.shards.get(item.name)
-            if shard is not None and item.name in changed_shards:
+    with atomic_folder(dst, force=force, fsync=fsync, mode=ckpt.path.stat().st_mode) as tmp:
+        for name in ckpt.folders:
+            (tmp / name).mkdir()
+        for name, source in ckpt.files.items():
+            out = tmp / name
+            mode = permissions(source.stat().st_mode, 0o666)
+            shard = ckpt.shards.get(name)
+            if shard is not None and name in changed_shards:
                 fmt = "safetensors" if isinstance(shard, SafetensorsCheckpoint) else "torch"
                 if fmt == "safetensors":
                     total += _write_safetensors(plan, shard, ROOT, resampled, out, progress)
                 else:
-                    repl = {k: t for k, t in resampled().items() if ckpt.shard_of.get(k[1]) == item.name}
+                    repl = {k: t for k, t in resampled().items() if ckpt.shard_of.get(k[1]) == name}
                     total += _write_torch(shard, repl, out, progress)
-                rewritten.append(item.name)
+                out.chmod(mode)
+                rewritten.append(name)
                 if verify:
-                    keys = {k for (sd, k) in resampled.changes if ckpt.shard_of.get(k) == item.name}
+                    keys = {k for (sd, k) in resampled.changes if ckpt.shard_of.get(k) == name}
                     v = verify_output(shard, out, fmt, (ROOT,), {(ROOT, k) for k in keys})
                     checked[0], checked[1] = checked[0] + v.tensors, checked[1] + v.bytes
-            elif item == ckpt.index_path or item.name in ckpt.duplicates:
+            elif (ckpt.index_path is not None and name == ckpt.index_path.name) or name in ckpt.duplicates:
                 continue
-            elif sidecar is not None and item == sidecar.path:
+            elif sidecar is not None and name == sidecar.path.name:
                 target = plan.models[0].target
                 sidecar.write(out, target.img_size, target.patch)
+                out.chmod(mode)
                 total += out.stat().st_size
-                rewritten.append(item.name)
-            elif item.is_dir():
-                shutil.copytree(item, out, symlinks=True)
-                copied.append(item.name + "/")
+                rewritten.append(name)
             else:
-                shutil.copyfile(item, out, follow_symlinks=True)
-                total += out.stat().st_size
-                copied.append(item.name)
+                size = copy_regular(source, out, mode=mode)
+                total += size
+                top = name.split("/")[0]
+                if top == name:
+                    copied.append(name)
+                elif not copied or copied[-1] != top + "/":
+                    copied.append(top + "/")
                 if progress:
-                    progress(out.stat().st_size)
+                    progress(size)
                 if verify and isinstance(shard, SafetensorsCheckpoint):
                     v = verify_output(shard, out, "safetensors", (ROOT,), set())
                     checked[0], checked[1] = checked[0] + v.tensors, checked[1] + v.bytes
@@ -83,9 +94,16 @@ def write_folder(
                 meta["total_size"] = _total_size(plan, ckpt)
             index["metadata"] = meta
             raw = json.dumps(index, indent=2, sort_keys=False) + "\n"
-            (tmp / ckpt.index_path.name).write_text(raw)
+            out = tmp / ckpt.index_path.name
+            out.write_text(raw)
+            out.chmod(permissions(ckpt.index_path.stat().st_mode, 0o666))
             total += len(raw)
             rewritten.append(ckpt.index_path.name)
+        for name in reversed(ckpt.folders):  # children first: a read-only folder is filled before it is closed
+            (tmp / name).chmod(permissions((ckpt.path / name).stat().st_mode, 0o777))
+            if "/" not in name and f"{name}/" not in copied:  # an empty one
+                copied.append(f"{name}/")
+    copied.sort(key=lambda n: n.rstrip("/"))
     verification = Verification(tensors=checked[0], bytes=checked[1]) if verify else None
     return total, rewritten, copied, verification
 

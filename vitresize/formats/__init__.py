@@ -1,19 +1,39 @@
 """Checkpoint formats: sniff the input from its bytes, open it lazily, pick the output writer by extension.
 
 One module per format: ``safetensors``, ``torch_pickle``. Only this package touches files.
+
+Inputs are read as regular files only: a FIFO, a device or a socket is refused before it is opened (and a
+file swapped for one is opened ``O_NONBLOCK`` and refused by ``fstat``), so reading never blocks. JSON files
+(``config.json``, shard indexes) are refused unparsed above :data:`MAX_JSON_BYTES` or nested deeper than
+:data:`MAX_JSON_DEPTH`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import stat
 import struct
 import zipfile
 from pathlib import Path
+from typing import IO, Any
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
 from .base import ROOT, Checkpoint
 
-__all__ = ["OUTPUT_FORMATS", "ROOT", "Checkpoint", "open_checkpoint", "output_format", "sniff"]
+__all__ = [
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "OUTPUT_FORMATS",
+    "ROOT",
+    "Checkpoint",
+    "open_checkpoint",
+    "open_regular",
+    "output_format",
+    "read_json",
+    "sniff",
+]
 
 OUTPUT_FORMATS: dict[str, str] = {
     ".safetensors": "safetensors",
@@ -23,6 +43,115 @@ OUTPUT_FORMATS: dict[str, str] = {
     ".ckpt": "torch",
     ".npz": "npz",
 }
+
+
+MAX_JSON_BYTES = 16 << 20
+"""The largest ``config.json`` or shard index read (16 MiB): model configs are a few KiB, and the index of a
+model with a hundred thousand tensors a few MiB; anything bigger is refused unread."""
+MAX_JSON_DEPTH = 128
+"""The deepest nesting of arrays and objects accepted in a JSON file (model configs nest 3 or 4 levels)."""
+
+
+def is_folder(path: Path) -> bool:
+    """``path.is_dir()``, ``False`` on any error (Python < 3.12 raises on a name too long for the file system)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def describe_kind(mode: int) -> str:
+    """``"a named pipe (FIFO)"``, ``"a character device"``, ...: what a non-regular file is, from its mode."""
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
+def _nonblocking_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+
+
+def open_regular(path: Path, *, follow: bool = True, fix: str = "pass a checkpoint file instead") -> IO[bytes]:
+    """Open a regular file to read; anything else is refused without blocking.
+
+    ``stat`` first (a FIFO, device or socket is never opened), then an ``O_NONBLOCK`` open checked with
+    ``fstat``, so a file swapped for a FIFO in between cannot block either. With ``follow=False`` a link in
+    the last component is refused too (for a path already resolved). ``fix`` ends the error for a file that
+    is not regular.
+
+    Raises:
+        CheckpointFormatError: missing, unreadable, or not a regular file.
+    """
+    try:
+        st = path.stat()
+        if stat.S_ISREG(st.st_mode):
+            f = open(path, "rb", opener=_nonblocking if follow else _nonblocking_nofollow)  # noqa: SIM115
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode):
+                return f
+            f.close()
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"{path} does not exist; check the path") from None
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot read {path}: {e.strerror or e}") from None
+    raise CheckpointFormatError(f"{path} is {describe_kind(st.st_mode)}, not a regular file; {fix}")
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPEN_CLOSE = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether JSON text nests arrays and objects deeper than :data:`MAX_JSON_DEPTH`, without parsing it: with
+    strings taken out, each pass deletes the innermost ``[]`` pairs; a pair left after that many passes is
+    deeper."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(_OPEN_CLOSE, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        inner = brackets.replace(b"[]", b"")
+        if len(inner) == len(brackets):
+            return False
+        brackets = inner
+    return b"[]" in brackets
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a small JSON file (``what`` names it in errors), read as :func:`open_regular` does, within
+    :data:`MAX_JSON_BYTES` and :data:`MAX_JSON_DEPTH`.
+
+    Raises:
+        CheckpointFormatError: not a regular file, unreadable, too big or too deeply nested.
+        ValueError: not valid JSON (the caller says what it should have been).
+    """
+    with open_regular(path, fix="replace it with the file or remove it") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(MAX_JSON_BYTES + 1) if size <= MAX_JSON_BYTES else b""
+    if size > MAX_JSON_BYTES or len(raw) > MAX_JSON_BYTES:
+        raise CheckpointFormatError(
+            f"{path} is {max(size, len(raw))} bytes, over the {MAX_JSON_BYTES >> 20} MiB a {what} may have; "
+            f"check that it is the right file"
+        )
+    if _too_deep(raw):
+        raise CheckpointFormatError(
+            f"{path} nests deeper than {MAX_JSON_DEPTH} levels, which no {what} does; fix or remove it"
+        )
+    try:
+        return json.loads(raw)
+    except RecursionError:  # unbalanced brackets: a run of openers the pass above leaves alone
+        raise CheckpointFormatError(
+            f"{path} nests deeper than {MAX_JSON_DEPTH} levels, which no {what} does; fix or remove it"
+        ) from None
 
 
 def _zip_kind(path: Path) -> str:
@@ -49,18 +178,17 @@ def sniff(path: Path) -> str:
     """The format of ``path`` from its content: ``safetensors``, ``torch-zip``, ``torch-legacy`` or ``npz``.
 
     Raises:
-        CheckpointFormatError: missing, unreadable, empty, a folder, or no known format.
+        CheckpointFormatError: missing, unreadable, empty, a folder, not a regular file (a FIFO, a device,
+            a socket), or no known format.
     """
-    if not path.exists():
-        raise CheckpointFormatError(f"{path} does not exist; check the path")
-    if path.is_dir():
+    if is_folder(path):
         raise CheckpointFormatError(f"{path} is a folder; pass the checkpoint file inside it")
-    try:
-        with open(path, "rb") as f:
+    with open_regular(path) as f:
+        try:
             head = f.read(9)
-    except OSError as e:
-        raise CheckpointFormatError(f"cannot read {path}: {e.strerror}") from None
-    size = path.stat().st_size
+        except OSError as e:
+            raise CheckpointFormatError(f"cannot read {path}: {e.strerror}") from None
+        size = os.fstat(f.fileno()).st_size
     if not head:
         raise CheckpointFormatError(f"{path} is empty (0 bytes); re-download or re-save it")
     if head.startswith(b"PK\x03\x04"):
@@ -97,7 +225,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _open(p: Path) -> Checkpoint:
-    if p.is_dir():
+    if is_folder(p):
         from .folder import ShardedCheckpoint
 
         return ShardedCheckpoint(p)

@@ -7,18 +7,24 @@ and a folder conversion writes it back with the new geometry so that weights and
   (CLIP, SigLIP); an int when square, ``[h, w]`` when not.
 * timm hub (``architecture`` + ``pretrained_cfg``): ``pretrained_cfg.input_size = [C, H, W]``, and
   ``model_args.img_size`` / ``patch_size`` (what ``timm.create_model`` builds the model with).
+
+A model config whose ``vision_config``, ``pretrained_cfg`` or ``model_args`` is not an object (``null`` reads
+as absent), or whose ``input_size`` is not ``[C, H, W]``, is refused with one line naming the field: it
+cannot be updated without guessing.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointFormatError
 from ..resample.geometry import Size
+from . import is_folder, read_json
 
 __all__ = ["Sidecar", "find_sidecar"]
 
@@ -31,6 +37,10 @@ def _size(value: Any) -> Size | None:
     if isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int and v > 0 for v in value):
         return (value[0], value[1])
     return None
+
+
+def _input_size(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(type(v) is int and v > 0 for v in value)
 
 
 def _json_size(size: Size) -> int | list[int]:
@@ -68,10 +78,12 @@ class Sidecar:
             target["image_size"] = _json_size(img_size)
             target["patch_size"] = _json_size(patch)
             return data
-        cfg = data.setdefault("pretrained_cfg", {})
-        channels = cfg.get("input_size", [3])[0] if isinstance(cfg.get("input_size"), list) else 3
+        cfg = data["pretrained_cfg"]  # an object: _parse checked it
+        channels = cfg["input_size"][0] if _input_size(cfg.get("input_size")) else 3
         cfg["input_size"] = [channels, img_size[0], img_size[1]]
-        args = data.setdefault("model_args", {})
+        if not isinstance(data.get("model_args"), dict):
+            data["model_args"] = {}
+        args = data["model_args"]
         args["img_size"] = _json_size(img_size)
         if "patch_size" in args or patch != self.patch:
             args["patch_size"] = _json_size(patch)
@@ -81,18 +93,39 @@ class Sidecar:
         dst.write_text(json.dumps(self.updated(img_size, patch), indent=2) + "\n")
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
+def _object(path: Path, node: dict[str, Any], field: str) -> dict[str, Any]:
+    """``node[field]`` when it is an object, ``{}`` when it is absent or null; else a one-line error."""
+    value = node.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        kind = "true/false" if isinstance(value, bool) else _JSON_TYPES.get(type(value), type(value).__name__)
+        raise CheckpointFormatError(
+            f"{path}: {field} is {kind}, not an object as in a model config; fix the field or remove {path.name}"
+        )
+    return value
+
+
 def _parse(path: Path, data: dict[str, Any]) -> Sidecar | None:
     if "model_type" in data or "vision_config" in data:
-        node = data["vision_config"] if isinstance(data.get("vision_config"), dict) else data
+        vision = _object(path, data, "vision_config")
+        node = vision if isinstance(data.get("vision_config"), dict) else data
         return Sidecar(path, "hf", data, _size(node.get("image_size")), _size(node.get("patch_size")))
-    cfg = data.get("pretrained_cfg")
-    if "architecture" in data and isinstance(cfg, dict):
-        args = data.get("model_args")
-        args = args if isinstance(args, dict) else {}
+    if "architecture" in data and "pretrained_cfg" in data:
+        if data["pretrained_cfg"] is None:
+            return None
+        cfg = _object(path, data, "pretrained_cfg")
+        args = _object(path, data, "model_args")
         size = cfg.get("input_size")
-        img = _size(args.get("img_size")) or (
-            _size(list(size[1:])) if isinstance(size, list) and len(size) == 3 else None
-        )
+        if size is not None and not _input_size(size):
+            raise CheckpointFormatError(
+                f"{path}: pretrained_cfg.input_size is {json.dumps(size)[:40]}, not [C, H, W] as in a timm config; "
+                f"fix the field or remove {path.name}"
+            )
+        img = _size(args.get("img_size")) or (_size(size[1:]) if size is not None else None)
         return Sidecar(path, "timm", data, img, _size(args.get("patch_size")))
     return None
 
@@ -102,13 +135,18 @@ def find_sidecar(src: Path) -> Sidecar | None:
     not a model config).
 
     Raises:
-        CheckpointFormatError: the file exists but is not valid JSON.
+        CheckpointFormatError: the file exists but is not valid JSON, is over the size or depth budgets of
+            :func:`~vitresize.formats.read_json`, is not a regular file (a FIFO, a device, a socket), or is a
+            model config with a field of the wrong type.
     """
-    path = (src if src.is_dir() else src.parent) / CONFIG
-    if not path.is_file():
+    path = (src if is_folder(src) else src.parent) / CONFIG
+    try:
+        if stat.S_ISDIR(path.stat().st_mode):
+            return None
+    except OSError:  # none there (or a link to nothing): no sidecar
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = read_json(path, CONFIG)
+    except ValueError as e:
         raise CheckpointFormatError(f"{path} is not valid JSON ({e}); fix or remove it") from None
     return _parse(path, data) if isinstance(data, dict) else None
