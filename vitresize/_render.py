@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import sys
@@ -12,15 +14,118 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .plan import Embedding, Inspection, Report
 from .resample.geometry import format_size
 
-__all__ = ["error", "info", "inspection", "json_out", "left_out", "progress", "report", "warning"]
+__all__ = [
+    "StdoutError",
+    "clean",
+    "error",
+    "info",
+    "inspection",
+    "json_out",
+    "left_out",
+    "line_out",
+    "progress",
+    "report",
+    "warning",
+]
 
-# Piped output (CI logs) gets a wide console instead of rich's 80 columns, so keys and shapes never wrap.
-_out = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def clean(text: object) -> str:
+    """``text`` safe to show on a terminal: every non-printable character as its Python escape, the rest as is.
+
+    Newline, CR, tab, ESC, BEL, DEL, C1 controls (``\\x80``-``\\x9f``), bidi overrides and lone surrogates (from
+    undecodable file names) become ``\\n``, ``\\r``, ``\\t``, ``\\x1b``, ``\\x07``, ``\\x7f``, ``\\x9b``,
+    ``\\u202e``, ``\\udcff``: a path or tensor key can neither split a line nor drive the terminal. Every string
+    this module prints goes through it (JSON is escaped by ``json.dumps`` already).
+    """
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+
+
+def _markup(text: object) -> str:
+    """User text for a rich markup string: cleaned, and ``[`` not read as a tag (``/data/[exp1]/ckpt.pth``)."""
+    return escape(clean(text))
+
+
+def _cell(text: object) -> Text:
+    """A table cell: cleaned plain text, never markup."""
+    return Text(clean(text))
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _discard(stream: Any) -> None:
+    """After a failed write, point the stream's descriptor at /dev/null: what is still buffered would fail again
+    when Python flushes it at exit ("Exception ignored ..." and exit status 120)."""
+    with contextlib.suppress(Exception):
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+
+
+class _Console(Console):
+    """A console whose closed pipe is an exception for the caller to judge: rich's own points stdout (even for a
+    console on stderr) at /dev/null and exits with status 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+class StdoutError(Exception):
+    """stdout could not take the output: closed, on a full device, a closed pipe, or an encoding error.
+
+    ``str(err)`` is ``cannot write to stdout: <why>``; ``broken_pipe`` says the reader went away (``| head``).
+    """
+
+    def __init__(self, reason: str, *, broken_pipe: bool = False) -> None:
+        super().__init__(f"cannot write to stdout: {clean(reason)}")
+        self.broken_pipe = broken_pipe
+
+
+@contextlib.contextmanager
+def _stdout() -> Iterator[Console]:
+    """A console on stdout, made per call (a failed print leaves rich's buffer full); failures as StdoutError.
+
+    An encoding that is not UTF (``PYTHONIOENCODING=ascii``) gets ASCII table boxes from rich and backslash
+    escapes for the characters it cannot encode, instead of an error.
+    """
+    out = sys.stdout
+    if out is None:  # started with stdout closed (>&-)
+        raise StdoutError("it is closed")
+    encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")
+    # Piped output (CI logs) gets a wide console instead of rich's 80 columns, so keys and shapes never wrap.
+    console = _Console(highlight=False, width=None if _isatty(out) or "COLUMNS" in os.environ else 160)
+    try:
+        if not encoding.startswith("utf") and isinstance(out, io.TextIOWrapper) and out.errors == "strict":
+            out.reconfigure(errors="backslashreplace")
+        yield console
+    except (OSError, UnicodeEncodeError) as e:
+        _discard(out)
+        reason = (e.strerror if isinstance(e, OSError) else None) or str(e)
+        raise StdoutError(reason, broken_pipe=isinstance(e, BrokenPipeError)) from e
+
+
+def _say(markup: str) -> None:
+    """One line on stderr. Best effort: with stderr closed, full or a closed pipe there is nowhere left to tell."""
+    try:
+        _Console(stderr=True, highlight=False, soft_wrap=True).print(markup)
+    except (OSError, ValueError):
+        _discard(sys.stderr)
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:
@@ -40,23 +145,39 @@ def _sd(name: str) -> str:
     return name or "(root)"
 
 
+def line_out(text: str) -> None:
+    """One line of plain text on stdout (cleaned).
+
+    Raises:
+        StdoutError: stdout is closed or broken.
+    """
+    with _stdout():
+        sys.stdout.write(clean(text) + "\n")
+        sys.stdout.flush()
+
+
 def json_out(data: dict[str, Any]) -> None:
-    """One compact JSON object on stdout."""
-    sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+    """One compact JSON object on stdout (``json.dumps`` escapes every control character).
+
+    Raises:
+        StdoutError: stdout is closed or broken.
+    """
+    with _stdout():
+        sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
 
 
 def error(message: str) -> None:
     """One ``Error:`` line on stderr (never wrapped, user text escaped)."""
-    _err.print(f"[bold red]Error:[/] {escape(message)}")
+    _say(f"[bold red]Error:[/] {_markup(message)}")
 
 
 def warning(message: str) -> None:
-    _err.print(f"[yellow]Warning:[/] {escape(message)}")
+    _say(f"[yellow]Warning:[/] {_markup(message)}")
 
 
 def info(message: str) -> None:
-    _err.print(f"[dim]{escape(message)}[/]")
+    _say(f"[dim]{_markup(message)}[/]")
 
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
@@ -65,7 +186,8 @@ PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 @contextlib.contextmanager
 def progress(size: int, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A transient progress bar on stderr for big inputs when stderr is a terminal; else ``None``."""
-    if not enabled or size < PROGRESS_MIN_BYTES or not _err.is_terminal:
+    err = _Console(stderr=True, highlight=False, soft_wrap=True)
+    if not enabled or size < PROGRESS_MIN_BYTES or not err.is_terminal:
         yield None
         return
     from rich.progress import (
@@ -83,7 +205,7 @@ def progress(size: int, *, enabled: bool) -> Iterator[Callable[[int, int], None]
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=_err,
+        console=err,
         transient=True,
     )
     task = bar.add_task("write", total=size)
@@ -96,13 +218,18 @@ def _summary(rows: list[tuple[str, str]]) -> Table:
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
     for k, v in rows:
-        grid.add_row(k, v)
+        grid.add_row(_cell(k), _cell(v))
     return grid
 
 
 def report(rep: Report, *, verbose: bool = False) -> None:
-    """The table of changed tensors and the summary of a conversion, on stdout."""
+    """The table of changed tensors and the summary of a conversion, on stdout.
+
+    Raises:
+        StdoutError: stdout is closed or broken.
+    """
     plan = rep.plan
+    table = None
     if plan.changes:
         show_sd = any(c.state_dict for c in plan.changes)
         table = Table(title="Tensors that change", title_justify="left", header_style="bold")
@@ -114,39 +241,39 @@ def report(rep: Report, *, verbose: bool = False) -> None:
         table.add_column("dtype")
         table.add_column("Operation", overflow="fold")
         for c in plan.changes:
-            row = [escape(c.key), _shape(c.old_shape), _shape(c.new_shape), c.dtype, escape(c.detail)]
+            row = [c.key, _shape(c.old_shape), _shape(c.new_shape), c.dtype, c.detail]
             if show_sd:
-                row.insert(0, escape(_sd(c.state_dict)))
-            table.add_row(*row)
-        _out.print(table)
+                row.insert(0, _sd(c.state_dict))
+            table.add_row(*(_cell(x) for x in row))
     m = plan.models[0]
     e = m.embedding
     plural = "" if e.prefix_rows == 1 else "s"
     rows = [
-        ("family", escape(f"{plan.family} ({e.variant}, {e.prefix_rows} prefix row{plural})")),
-        ("method", escape(f"{plan.method}: {plan.pos_convention.describe()}")),
+        ("family", f"{plan.family} ({e.variant}, {e.prefix_rows} prefix row{plural})"),
+        ("method", f"{plan.method}: {plan.pos_convention.describe()}"),
         ("grid", f"{format_size(m.source.grid)} -> {format_size(m.target.grid)}"),
-        ("patch", f"{format_size(m.source.patch)} -> {format_size(m.target.patch)}"),
-        ("image size", f"{format_size(m.source.img_size)} -> {format_size(m.target.img_size)}"),
     ]
+    if e.stride_known:
+        rows.append(("patch", f"{format_size(m.source.patch)} -> {format_size(m.target.patch)}"))
+        rows.append(("image size", f"{format_size(m.source.img_size)} -> {format_size(m.target.img_size)}"))
+    else:  # a CNN stem whose stride the checkpoint does not state: only the grid is known
+        rows.append(("patch", f"? (the stride of {e.stem}; kernel {format_size(e.kernel)})"))
+        rows.append(("image size", "? -> ? (the grid times the stem's stride)"))
     if m.source.patch != m.target.patch:
         how = "PI-resize" if plan.patch_method == "pi" else "interpolation"
         rows.append(("patch kernel", f"{how}, {plan.patch_convention.describe()} basis"))
     if len(plan.models) > 1 or e.state_dict:
-        rows.append(("converted", escape(", ".join(_sd(s) for s in plan.state_dicts))))
+        rows.append(("converted", ", ".join(_sd(s) for s in plan.state_dicts)))
     rows.append(("passed through", f"{rep.passed_through} tensors, byte for byte"))
-    dst = escape(str(rep.dst))
+    dst = str(rep.dst)
     if rep.dry_run:
         rows.append(("dry run", f"nothing written (would write {dst} as {rep.dst_format})"))
     else:
         rows.append(("wrote", f"{dst} ({rep.dst_format}, {_bytes(rep.bytes_written)})"))
     if rep.dst_format == "folder" and not rep.dry_run:
-        rows.append(("rewritten", escape(", ".join(rep.rewritten))))
+        rows.append(("rewritten", ", ".join(rep.rewritten)))
         rows.append(
-            (
-                "copied",
-                escape(f"{len(rep.copied)} files as they are" + (f": {', '.join(rep.copied)}" if verbose else "")),
-            )
+            ("copied", f"{len(rep.copied)} files as they are" + (f": {', '.join(rep.copied)}" if verbose else ""))
         )
     if rep.verified is not None:
         v = rep.verified
@@ -154,13 +281,16 @@ def report(rep: Report, *, verbose: bool = False) -> None:
             ("verified", f"{v.tensors} pass-through tensors ({_bytes(v.bytes)}) identical to the input (SHA-256)")
         )
     if verbose:
-        rows.append(("source", escape(f"{plan.src} ({plan.src_format}); grid from {e.geometry_from}")))
+        rows.append(("source", f"{plan.src} ({plan.src_format}); grid from {e.geometry_from}"))
         if rep.engine is not None:
             how = "numpy, bit for bit as torch's CPU kernel; torch not imported" if rep.engine == "numpy" else "torch"
             rows.append(("resampled by", how))
         for other in plan.models[1:]:
-            rows.append(("also", escape(f"{_sd(other.embedding.state_dict)}: {other.embedding.pos_key}")))
-    _out.print(_summary(rows))
+            rows.append(("also", f"{_sd(other.embedding.state_dict)}: {other.embedding.pos_key}"))
+    with _stdout() as out:
+        if table is not None:
+            out.print(table)
+        out.print(_summary(rows))
 
 
 def left_out(rep: Report) -> None:
@@ -181,38 +311,42 @@ def left_out(rep: Report) -> None:
 def _embedding_rows(e: Embedding) -> list[str]:
     g = e.source
     return [
-        escape(_sd(e.state_dict)),
-        escape(f"{e.family} ({e.variant})"),
-        escape(f"{e.pos_key} {_shape(e.pos_shape)}"),
+        _sd(e.state_dict),
+        f"{e.family} ({e.variant})",
+        f"{e.pos_key} {_shape(e.pos_shape)}",
         str(e.prefix_rows),
         f"{format_size(g.grid)} ({e.geometry_from})" if g else "?",
-        escape(f"{e.patch_key} {_shape(e.patch_shape)}"),
-        format_size(g.img_size) if g else "?",
-        escape(", ".join(k for k in e.prefix_keys) or "-"),
+        f"{e.patch_key} {_shape(e.patch_shape)}",
+        format_size(g.img_size) if g and e.stride_known else "?",
+        ", ".join(k for k in e.prefix_keys) or "-",
     ]
 
 
 def inspection(ins: Inspection) -> None:
-    """What ``inspect`` found, on stdout."""
+    """What ``inspect`` found, on stdout.
+
+    Raises:
+        StdoutError: stdout is closed or broken.
+    """
     rows = [
-        ("file", escape(str(ins.path))),
+        ("file", str(ins.path)),
         ("format", f"{ins.format} ({_bytes(ins.size_bytes)})"),
-        ("family", escape(ins.family or "none found")),
+        ("family", ins.family or "none found"),
     ]
     names = [_sd(s.name) for s in ins.state_dicts]
     nesting = ", ".join(names) + (f"  (+ {', '.join(ins.extras)})" if ins.extras else "")
-    rows.append(("state dicts", escape(nesting)))
+    rows.append(("state dicts", nesting))
     for s in ins.state_dicts:
         dtypes = ", ".join(f"{d}: {n}" for d, n in sorted(s.dtypes.items()))
-        rows.append((f"  {escape(_sd(s.name))}", f"{s.tensors} tensors, {s.parameters:,} parameters ({dtypes})"))
+        rows.append((f"  {_sd(s.name)}", f"{s.tensors} tensors, {s.parameters:,} parameters ({dtypes})"))
     if ins.metadata:
-        rows.append(("metadata", escape(", ".join(f"{k}={v}" for k, v in sorted(ins.metadata.items())))))
+        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in sorted(ins.metadata.items()))))
     if ins.config:
         c = ins.config
         img = "x".join(map(str, c["img_size"])) if c["img_size"] else "?"
         patch = "x".join(map(str, c["patch"])) if c["patch"] else "?"
-        rows.append(("config", escape(f"{c['path']} ({c['kind']}: image {img}, patch {patch})")))
-    _out.print(_summary(rows))
+        rows.append(("config", f"{c['path']} ({c['kind']}: image {img}, patch {patch})"))
+    table = None
     if ins.embeddings:
         table = Table(title="Position and patch embeddings", title_justify="left", header_style="bold")
         for col in (
@@ -227,8 +361,11 @@ def inspection(ins: Inspection) -> None:
         ):
             table.add_column(col, overflow="fold")
         for e in ins.embeddings:
-            table.add_row(*_embedding_rows(e))
-        _out.print(table)
+            table.add_row(*(_cell(x) for x in _embedding_rows(e)))
+    with _stdout() as out:
+        out.print(_summary(rows))
+        if table is not None:
+            out.print(table)
     for e in ins.embeddings:
         if e.note:
             warning(e.note)

@@ -1,7 +1,7 @@
 """The ``vitresize`` command: parse options, call the API, hand the result to the renderer.
 
 Exit codes: 0 success (also dry run and no-op), 1 error, 2 usage error, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM; SIGHUP gives 129).
+143 terminated (SIGTERM; SIGHUP gives 129). Every error, usage errors included, is one ``Error:`` line on stderr.
 torch is imported only inside command bodies, so ``vitresize --help`` stays fast.
 """
 
@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,8 +35,51 @@ EPILOG = (
     "Set VITRESIZE_DEBUG=1 to see tracebacks."
 )
 
+
+def _usage_error(e: Exception, group: typer.core.TyperGroup, args: Sequence[str]) -> str:
+    """A Click usage error (unknown option, missing argument, bad choice, ...) as one line, with where to look."""
+    message = str(e.format_message()).strip().rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        where = ctx.command_path
+    else:  # raised by the option parser, without a context ("Option '--img-size' requires an argument")
+        where = " ".join([group.name or "vitresize", *[a for a in args if a in group.commands][:1]])
+    return f"{message}; see '{where} --help'"
+
+
+class _Group(typer.core.TyperGroup):
+    """Typer's group, with Click's usage errors as one ``Error:`` line (exit 2) instead of a usage box."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:  # not standalone: typer.Exit's code comes back, Click's errors come up to be printed here
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except Exception as e:
+            name = type(e).__name__
+            if name == "Abort":  # Click's Ctrl-D at a prompt; vitresize never prompts
+                _render.error("aborted")
+                sys.exit(1)
+            exit_code = getattr(e, "exit_code", None)
+            if not isinstance(exit_code, int) or not hasattr(e, "format_message"):
+                raise  # not Click's: a VitresizeError under VITRESIZE_DEBUG, or a bug
+            if name != "NoArgsIsHelpError":  # that one has printed the help already
+                _render.error(_usage_error(e, self, sys.argv[1:] if args is None else args))
+            sys.exit(exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="vitresize",
+    cls=_Group,
     help="Move a pretrained Vision Transformer checkpoint to a new input resolution or patch size.",
     epilog=EPILOG,
     no_args_is_help=True,
@@ -157,13 +202,23 @@ FsyncOpt = Annotated[
         "--fsync", help="Flush DST to disk before exiting, so it survives a power loss (slower).", rich_help_panel=OUT
     ),
 ]
+AllowLargeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-large",
+        help="Allow a target whose output would be over 10x the input's size (and over 16 MiB), or whose resampling "
+        "needs over 4 GiB of memory.",
+        rich_help_panel=OUT,
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.", rich_help_panel=OUT)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.", rich_help_panel=OUT)]
 
 
 def _version(value: bool) -> None:
     if value:
-        print(f"vitresize {__version__}")
+        with _output(product=True):
+            _render.line_out(f"vitresize {__version__}")
         raise typer.Exit()
 
 
@@ -220,6 +275,31 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(128 + signum) from None
 
 
+def _input_size(src: Path) -> int:
+    """Bytes of SRC for the progress bar: a regular file's size, else 0 (the API says what is wrong with it)."""
+    try:
+        st = src.stat()
+    except (OSError, ValueError):
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+@contextlib.contextmanager
+def _output(*, product: bool, written: Path | None = None) -> Iterator[None]:
+    """What stdout cannot take: an error (exit 1) where the output is the product (``inspect``, ``--dry-run``),
+    a warning where it only reports a file already ``written``. A reader gone away (``| head``) is no news:
+    nothing is said, and only a product exits 1."""
+    try:
+        yield
+    except _render.StdoutError as e:
+        if product:
+            if not e.broken_pipe:
+                _render.error(f"{e}; check where stdout goes (a full disk, a closed descriptor or pipe)")
+            raise typer.Exit(1) from None
+        if not e.broken_pipe:
+            _render.warning(f"wrote {written}, but the summary could not be printed: {e}")
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  vitresize convert vit_b16_224.pth vit_b16_384.safetensors --img-size 384\n\n"
@@ -248,6 +328,7 @@ def convert(
     dry_run: DryRunOpt = False,
     verify: VerifyOpt = False,
     fsync: FsyncOpt = False,
+    allow_large: AllowLargeOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -256,8 +337,7 @@ def convert(
     with _errors():
         from . import api
 
-        size = src.stat().st_size if src.is_file() else 0
-        with _render.progress(size, enabled=not (json_ or quiet or dry_run)) as bar:
+        with _render.progress(_input_size(src), enabled=not (json_ or quiet or dry_run)) as bar:
             rep = api.convert(
                 src,
                 dst,
@@ -278,11 +358,13 @@ def convert(
                 antialias=antialias,
                 patch_method=patch_method.value,
                 device=device,
+                allow_large=allow_large,
             )
-        if json_:
-            _render.json_out(rep.to_dict())
-        elif not quiet:
-            _render.report(rep, verbose=verbose)
+        with _output(product=dry_run, written=dst):
+            if json_:
+                _render.json_out(rep.to_dict())
+            elif not quiet:
+                _render.report(rep, verbose=verbose)
         if not quiet:
             for w in rep.warnings:
                 _render.warning(w)
@@ -309,23 +391,50 @@ def inspect(
         from . import api
 
         ins = api.inspect(src, family=family.value, from_img_size=from_img_size, from_grid=from_grid)
-        if json_:
-            _render.json_out(ins.to_dict())
-        else:
-            _render.inspection(ins)
+        with _output(product=True):
+            if json_:
+                _render.json_out(ins.to_dict())
+            else:
+                _render.inspection(ins)
+        if not json_:
             for w in ins.warnings:
                 _render.warning(w)
 
 
+def _reserve_std_fds() -> None:
+    """Open /dev/null on a closed descriptor 0, 1 or 2 (``>&-``), so that no file vitresize opens (the source, the
+    output) can become stdout or stderr and receive stray writes. ``sys.stdout`` stays ``None``: the output then
+    reports stdout as closed."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main() -> None:
-    """Console-script entry point.
+    """Console-script entry point (also ``python -m vitresize``).
+
+    Where stdout cannot take the output (closed with ``>&-``, on a full device, a pipe whose reader has gone):
+
+    - ``convert``: DST is written, so its summary (table or ``--json``) is best effort: one ``Warning:`` line on
+      stderr says it could not be printed and why, and the exit status stays 0.
+    - ``inspect``, ``convert --dry-run`` and ``--version``, whose output is the product: one
+      ``Error: cannot write to stdout: ...`` line and exit 1.
+    - A closed pipe (EPIPE, ``| head -c1``) is the reader's choice, not news: nothing is printed; the exit
+      status is 1 where the output is the product, as above, and 0 for ``convert``.
+
+    An encoding that is not UTF (``PYTHONIOENCODING=ascii``) is no error: tables get ASCII boxes and characters
+    it cannot encode are backslash-escaped. stderr closed or broken is never an error: messages are dropped.
 
     Once torch is loaded, the process ends with ``os._exit`` after flushing stdout and stderr: the output
     is complete and renamed into place by then, and tearing torch down costs ~0.4 s (10% of converting a
     4 GB file) for nothing. Without torch (``--help``, ``inspect`` of a safetensors file) it exits normally.
     """
-    import sys
-
+    _reserve_std_fds()
     code = 0
     try:
         app(standalone_mode=True)

@@ -9,32 +9,59 @@ from ..errors import GeometryError, UsageError
 
 Size = tuple[int, int]
 
-__all__ = ["Geometry", "Size", "format_size", "infer_source_grid", "parse_size", "resolve_target"]
+__all__ = ["MAX_SIZE", "Geometry", "Size", "format_size", "infer_source_grid", "parse_size", "resolve_target"]
+
+
+MAX_SIZE = 2**20
+"""The largest side accepted for an image size, a grid or a patch (1048576): far beyond any ViT, and a bound that
+keeps a typo (``--img-size 10000000000``) from reaching the allocator."""
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for a message, cut to 40 characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int over sys.get_int_max_str_digits()
+        return "(an int too long to show)"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_size(text: str | int | Size, *, option: str = "size") -> Size:
-    """Parse ``"384"``, ``"384x512"`` (height x width) or an int/pair into ``(h, w)``.
+    """Parse ``"384"``, ``"384x512"`` (height x width; also ``X``, the multiplication sign and spaces) or an int/pair
+    into ``(h, w)``.
+
+    Only ASCII digits make a size: ``int()`` would also take fullwidth and Arabic-Indic digits, ``"1_000"`` and
+    ``"+384"``. From Python, an ``int`` or a pair of ``int`` (not ``bool``). Each side is 1 to :data:`MAX_SIZE`.
 
     Raises:
-        UsageError: the text is not one or two positive integers.
+        UsageError: not one or two positive integers, or a side over :data:`MAX_SIZE`.
     """
-    if isinstance(text, int):
-        parts: list[int | str] = [text, text]
-    elif isinstance(text, tuple | list):
-        parts = list(text)
-    else:
-        raw = text.strip().lower().replace("×", "x").split("x")
-        parts = [p.strip() for p in raw]
+    values: list[object]
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.strip().lower().replace("×", "x").split("x")]
         if len(parts) == 1:
-            parts = parts * 2
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        h, w = (int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise UsageError(f"{option} {text!r} is not a size; write N or HxW, e.g. 384 or 384x512") from None
+            parts *= 2
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise UsageError(
+                f"{option} {_shown(text)} is not a size; write N or HxW in ASCII digits, e.g. 384 or 384x512"
+            )
+        if any(len(p.lstrip("0")) > len(str(MAX_SIZE)) for p in parts):  # no int() of a 4000-digit string
+            raise UsageError(f"{option} {_shown(text)} is too large; each side is at most {MAX_SIZE} (2**20)")
+        values = [int(p) for p in parts]
+    elif isinstance(text, int):
+        values = [text, text]
+    else:
+        values = list(text) if isinstance(text, tuple | list) else []
+    ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    if len(values) != 2 or len(ints) != 2:
+        raise UsageError(
+            f"{option} {_shown(text)} is not a size; pass an int, an (h, w) pair of ints, or a string N or HxW"
+        )
+    h, w = ints
     if h <= 0 or w <= 0:
-        raise UsageError(f"{option} {text!r} must be positive")
+        raise UsageError(f"{option} {_shown(text)} must be positive; give sizes of at least 1")
+    if h > MAX_SIZE or w > MAX_SIZE:
+        raise UsageError(f"{option} {_shown(text)} is too large; each side is at most {MAX_SIZE} (2**20)")
     return (h, w)
 
 
