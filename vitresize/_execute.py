@@ -15,7 +15,8 @@ from ._verify import Verification, verify_output
 from ._version import __version__
 from .errors import CheckpointFormatError, UsageError, VitresizeError
 from .formats import ROOT, output_format
-from .formats.atomic import atomic_path, check_destination, check_folder_destination
+from .formats._dtypes import nbytes
+from .formats.atomic import atomic_path, check_apart, check_destination, check_folder_destination
 from .resample.geometry import format_size
 
 if TYPE_CHECKING:
@@ -185,12 +186,22 @@ class _Resampled:
     def __call__(self) -> dict[Key, Any]:
         """``torch.Tensor`` values, or :class:`~.resample.torchfree.Table` ones with ``torch_free``."""
         if self._out is None:
-            fast = _resample_torchfree(self.plan, self.ckpt) if self.torch_free and self.plan.changes else None
-            if fast is not None:
-                self._out, self.engine = dict(fast), "numpy"
-            else:
-                self._out, self.warnings = _resample(self.plan, self.ckpt)
-                self.engine = "torch" if self.plan.changes else None
+            try:
+                fast = _resample_torchfree(self.plan, self.ckpt) if self.torch_free and self.plan.changes else None
+                if fast is not None:
+                    self._out, self.engine = dict(fast), "numpy"
+                else:
+                    self._out, self.warnings = _resample(self.plan, self.ckpt)
+                    self.engine = "torch" if self.plan.changes else None
+            except MemoryError:  # numpy's allocation failures (torch's are turned into one line in resample/)
+                from .plan import format_bytes
+
+                need = sum(nbytes(c.new_shape, c.dtype) for c in self.plan.changes)
+                keys = ", ".join(c.key for c in self.plan.changes)
+                raise VitresizeError(
+                    f"out of memory while resampling {keys} (the new tensors alone take {format_bytes(need)}); "
+                    f"choose a smaller target or free memory"
+                ) from None
         return self._out
 
     def get(self, key: Key) -> torch.Tensor | Table:
@@ -223,7 +234,7 @@ def _provenance(plan: Plan) -> dict[str, str]:
 def _write_safetensors(
     plan: Plan, ckpt: Checkpoint, name: str, resampled: _Resampled, tmp: Path, progress: Progress | None
 ) -> int:
-    from .formats._dtypes import TORCH_TO_ST, nbytes
+    from .formats._dtypes import TORCH_TO_ST
     from .formats.safetensors import SafetensorsCheckpoint, Segment, read_header, write_safetensors
     from .formats.torch_pickle import TorchCheckpoint
 
@@ -270,7 +281,6 @@ def _write_safetensors(
 
 def _tensor_segment(ckpt: Checkpoint, name: str, key: str) -> Segment:
     """A tensor written from its data (read when the writer gets to it), not copied as a byte range."""
-    from .formats._dtypes import nbytes
     from .formats.safetensors import Segment
 
     info = ckpt.state_dicts[name][key]
@@ -365,9 +375,11 @@ def _report(
 
 
 def _destination(ckpt: Checkpoint, dst: Path, force: bool) -> str:
-    """The output format (``folder`` for a sharded input), with DST checked for it."""
+    """The output format (``folder`` for a sharded input), with DST checked for it: neither holding SRC nor
+    inside it, links resolved (DST equal to SRC is an atomic replace with ``force``)."""
     from .formats.folder import ShardedCheckpoint
 
+    check_apart(ckpt.path, dst)
     if isinstance(ckpt, ShardedCheckpoint):
         check_folder_destination(dst, force=force)
         return "folder"
@@ -431,7 +443,7 @@ def execute(
     verified = None
     tick = _ticker(progress, ckpt.path.stat().st_size) if progress else None
     try:
-        with atomic_path(dst, force=force, fsync=fsync) as tmp:
+        with atomic_path(dst, force=force, fsync=fsync, mode=ckpt.path.stat().st_mode) as tmp:
             if fmt == "safetensors":
                 written = _write_safetensors(plan, ckpt, sds[0], resampled, tmp, tick)
             elif fmt == "npz":

@@ -6,17 +6,32 @@ Heavy imports (torch) happen only where tensors are touched, so importing vitres
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DeviceError, GeometryError, NoViTFoundError, UsageError
+from .errors import CheckpointFormatError, DeviceError, GeometryError, NoViTFoundError, UsageError
 from .formats import Checkpoint, open_checkpoint
+from .formats._dtypes import nbytes
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
 from .keymaps.base import kernel_shape, kernel_size, pos_rows, pos_shape, token_rows
-from .plan import Embedding, Inspection, ModelPlan, Plan, Report, StateDictSummary, TensorChange
-from .resample.conventions import PATCH_METHODS, resolve_conventions
+from .plan import (
+    LARGE_FLOOR,
+    LARGE_RATIO,
+    MEMORY_CAP,
+    Embedding,
+    Inspection,
+    ModelPlan,
+    Plan,
+    Report,
+    StateDictSummary,
+    TensorChange,
+    check_output_size,
+    format_bytes,
+)
+from .resample.conventions import PATCH_METHODS, RESAMPLED_DTYPES, Convention, resolve_conventions
 from .resample.geometry import Geometry, Size, format_size, infer_source_grid, parse_size, resolve_target
 
 __all__ = ["convert", "inspect", "plan"]
@@ -78,27 +93,44 @@ def _embeddings(
             num_rows = pos_rows(pos.shape, km.pos_layout)
             assert num_rows is not None  # find_vits checked the layout
             source: Geometry | None = None
-            note = None
+            notes: list[str] = []
             rows = f.prefix_candidates()[0]
             how = ""
+            stride_known = True
             try:
-                hint, hint_from = _sidecar_grid(ckpt, kernel), "config.json"
-                if hint is None:
-                    hint, hint_from = meta_hint, "metadata"
-                grid, rows, how = infer_source_grid(
-                    num_rows=num_rows,
-                    prefix_candidates=f.prefix_candidates(),
-                    patch=kernel,
-                    pos_key=f.pos_key,
-                    from_grid=from_grid,
-                    from_img_size=from_img_size,
-                    hint=hint,
-                    hint_from=hint_from,
-                )
-                source = Geometry(grid=grid, patch=kernel)
+                if f.unsupported is not None:
+                    raise GeometryError(f"{f.pos_key} is left alone: {f.unsupported}")
+                if f.stem is None:
+                    hint, hint_from = _sidecar_grid(ckpt, kernel), "config.json"
+                    if hint is None:
+                        hint, hint_from = meta_hint, "metadata"
+                    grid, rows, how = infer_source_grid(
+                        num_rows=num_rows,
+                        prefix_candidates=f.prefix_candidates(),
+                        patch=kernel,
+                        pos_key=f.pos_key,
+                        from_grid=from_grid,
+                        from_img_size=from_img_size,
+                        hint=hint,
+                        hint_from=hint_from,
+                    )
+                    source = Geometry(grid=grid, patch=kernel)
+                else:
+                    sidecar_img = ckpt.sidecar.img_size if ckpt.sidecar is not None else None
+                    grid, rows, how, stride = _stem_geometry(
+                        f, num_rows, kernel, from_grid, from_img_size or sidecar_img, meta_hint, from_img_size is None
+                    )
+                    stride_known = stride is not None
+                    source = Geometry(grid=grid, patch=stride or kernel)
+                    if stride is None:
+                        notes.append(
+                            f"{_stem_text(f, kernel)}, which the weights do not state (image sizes shown are the "
+                            f"grid times the kernel); pass --from-img-size (the image size the checkpoint was "
+                            f"trained at) to convert with --img-size, or give the target as --grid HxW"
+                        )
                 if rows == 0 and f.token_rows and how == "tokens":
                     tokens = ", ".join(k[len(f.prefix) :] for k in f.token_keys)
-                    note = (
+                    notes.append(
                         f"{f.pos_key} has no rows for {tokens} (timm no_embed_class): its {num_rows} rows were "
                         f"read as a {format_size(grid)} grid; if it is a non-square grid with prefix rows, "
                         f"pass --from-img-size HxW"
@@ -106,7 +138,8 @@ def _embeddings(
             except GeometryError as e:
                 if strict:
                     raise GeometryError(f"{ckpt.path}: {e}") from None
-                note = str(e)
+                source = None
+                notes.append(str(e))
             out.append(
                 Embedding(
                     state_dict=sd_name,
@@ -122,9 +155,11 @@ def _embeddings(
                     prefix_rows=rows,
                     source=source,
                     geometry_from=how,
-                    note=note,
+                    note="; ".join(notes) or None,
                     native_method=f.native_method(tensors),
                     position_ids_key=_position_ids(f, tensors),
+                    stem=f.stem,
+                    stride_known=stride_known,
                 )
             )
     if not out and strict:
@@ -136,6 +171,79 @@ def _embeddings(
             f"Is this a ViT checkpoint of a supported family?"
         )
     return out
+
+
+def _stem_text(f: Found, kernel: Size) -> str:
+    """Why a stem's kernel is not its patch, for messages."""
+    return f"{f.patch_key} ({format_size(kernel)}) is not the patch of a model with {f.stem}: its patch is the stride"
+
+
+def _stride(img: Size, patches: int) -> int | None:
+    """The square stride that cuts ``img`` into ``patches`` patches, if there is one."""
+    if patches <= 0 or (img[0] * img[1]) % patches:
+        return None
+    s = math.isqrt(img[0] * img[1] // patches)
+    return s if s * s * patches == img[0] * img[1] and img[0] % s == 0 and img[1] % s == 0 else None
+
+
+def _stem_geometry(
+    f: Found,
+    num_rows: int,
+    kernel: Size,
+    from_grid: Size | None,
+    img: Size | None,
+    meta_hint: Size | None,
+    img_from_config: bool,
+) -> tuple[Size, int, str, Size | None]:
+    """``(grid, prefix rows, where the grid came from, stride)`` of a table behind a stem (``Found.stem``).
+
+    The grid comes from the table's rows (or ``--from-grid``); the stride, which the weights do not state, from
+    the image size (``--from-img-size``, else a config.json) over the grid: ``None`` when neither is known.
+
+    Raises:
+        GeometryError: ``--from-img-size`` is given and no stride fits it to the table's rows.
+    """
+    img_from = "config.json" if img_from_config else "--from-img-size"
+    if from_grid is None and img is not None:
+        for p in f.prefix_candidates():
+            s = _stride(img, num_rows - p)
+            if s is not None:
+                return (img[0] // s, img[1] // s), p, img_from, (s, s)
+        if not img_from_config:
+            raise GeometryError(
+                f"{f.pos_key} has {num_rows} rows, which no stride makes from a {format_size(img)} image "
+                f"({_stem_text(f, kernel)}); check --from-img-size, or give --from-grid HxW"
+            )
+    grid, rows, how = infer_source_grid(
+        num_rows=num_rows,
+        prefix_candidates=f.prefix_candidates(),
+        patch=kernel,
+        pos_key=f.pos_key,
+        from_grid=from_grid,
+        hint=meta_hint,
+        hint_from="metadata",
+    )
+    if from_grid is not None and img is not None and img[0] % grid[0] == 0 and img[1] % grid[1] == 0:
+        return grid, rows, how, (img[0] // grid[0], img[1] // grid[1])
+    return grid, rows, how, None
+
+
+def _check_stems(embeddings: list[Embedding], img: Size | None, patch: Size | None) -> None:
+    """A stem's stride is the patch: ``--patch`` cannot change it, and ``--img-size`` needs it known."""
+    for e in embeddings:
+        if e.stem is None or e.source is None:
+            continue
+        text = f"{e.patch_key} ({format_size(e.kernel)}) is not the patch of a model with {e.stem}"
+        if patch is not None and (not e.stride_known or patch != e.source.patch):
+            raise UsageError(
+                f"--patch cannot change the patch of {e.pos_key}'s model: {text}; its patch is the stem's stride, "
+                f"which resizing the kernel does not change; give the target as --img-size or --grid"
+            )
+        if img is not None and not e.stride_known:
+            raise UsageError(
+                f"--img-size needs the stride of {e.pos_key}'s model: {text}, and its stride is not in the weights; "
+                f"pass --from-img-size (the image size it was trained at, e.g. 224), or give the target as --grid HxW"
+            )
 
 
 def _sidecar_grid(ckpt: Checkpoint, kernel: Size) -> Size | None:
@@ -150,14 +258,28 @@ def _sidecar_grid(ckpt: Checkpoint, kernel: Size) -> Size | None:
 
 
 def _check_config_can_say(ckpt: Checkpoint, models: tuple[ModelPlan, ...], *, folder: bool) -> None:
-    """A folder's config.json must be able to state the target: HF CLIP and SigLIP take one square size."""
-    if not folder or ckpt.sidecar is None or ckpt.sidecar.kind != "hf":
+    """A folder's config.json must be able to state the target: HF CLIP and SigLIP take one square size, and
+    the config of a model with a stem keeps its own patch entry (the 1x1 kernel of a hybrid), which the
+    folder writer would replace with the stride."""
+    sc = ckpt.sidecar
+    if not folder or sc is None:
+        return
+    for m in models:
+        e = m.embedding
+        if e.stem is not None and (not e.stride_known or sc.patch != m.target.patch):
+            size = format_size(m.target.img_size) if e.stride_known else f"of a {format_size(m.target.grid)} grid"
+            raise UsageError(
+                f"{sc.path} cannot be rewritten for this model: {e.patch_key} ({format_size(e.kernel)}) follows "
+                f"{e.stem}, so its patch is the stride, which the config must not state as patch_size; convert "
+                f"the weights file alone and set the image size {size} in the config by hand"
+            )
+    if sc.kind != "hf":
         return
     for m in models:
         img = m.target.img_size
         if m.embedding.family == "hf-clip" and (img[0] != img[1] or m.target.patch[0] != m.target.patch[1]):
             raise UsageError(
-                f"Hugging Face CLIP/SigLIP models take one square image_size and patch_size, so {ckpt.sidecar.path} "
+                f"Hugging Face CLIP/SigLIP models take one square image_size and patch_size, so {sc.path} "
                 f"cannot say {format_size(img)}; choose a square --img-size (or convert the weights file alone "
                 f"and resample at run time with interpolate_pos_encoding=True)"
             )
@@ -247,6 +369,71 @@ def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) ->
     return out
 
 
+def _check_dtypes(changes: tuple[TensorChange, ...]) -> None:
+    """Only floating tensors are interpolated: an integer, bool, complex or float8 table is refused."""
+    for c in changes:
+        if c.op in ("pos_embed", "patch_embed") and c.dtype not in RESAMPLED_DTYPES:
+            name = f"{c.state_dict}/{c.key}" if c.state_dict else c.key
+            raise CheckpointFormatError(
+                f"{name} is {c.dtype}, and vitresize resamples only {', '.join(RESAMPLED_DTYPES)} tensors; "
+                f"convert it to float32 in the checkpoint first (is it the tensor you think it is?)"
+            )
+
+
+def _target_text(img: Size | None, patch: Size | None, grid: Size | None) -> str:
+    """The target options as given, for messages: ``--img-size 384 --patch 16``."""
+    given = (("--img-size", img), ("--patch", patch), ("--grid", grid))
+    return " ".join(f"{opt} {v[0] if v[0] == v[1] else format_size(v)}" for opt, v in given if v is not None)
+
+
+def _working_bytes(c: TensorChange, m: ModelPlan | None, pos_conv: Convention, patch_method: str) -> int:
+    """Memory the resampling of ``c`` needs beside its result: float32 (float64) copies, the PI-resize matrix."""
+    old, new = math.prod(c.old_shape), math.prod(c.new_shape)
+    if c.op == "pos_embed":  # the grid in the working dtype, interpolated, permuted, cast back, concatenated
+        return (8 if pos_conv.float64 else 4) * (old + 3 * new) + nbytes(c.new_shape, c.dtype)
+    if c.op != "patch_embed" or m is None:
+        return 0
+    copies = 4 * (old + 2 * new)  # the kernel in float32, the product, its reshape
+    if patch_method != "pi":
+        return copies
+    n_old, n_new = math.prod(m.source.patch), math.prod(m.target.patch)
+    # eye(n_old) as n_old images, their resize (B), pinv(B) and the SVD's factors: n_old^2 + about 5 B-sized
+    return copies + 4 * (n_old * n_old + 5 * n_new * n_old)
+
+
+def _check_budget(
+    models: tuple[ModelPlan, ...],
+    changes: tuple[TensorChange, ...],
+    src_bytes: int,
+    target: str,
+    pos_conv: Convention,
+    patch_method: str,
+) -> None:
+    """Refuse a target whose output or memory would be far over any real ViT's (see :func:`plan`)."""
+    if not changes:
+        return
+    owner = {(m.embedding.state_dict, k): m for m in models for k in (m.embedding.pos_key, m.embedding.patch_key)}
+    new = [nbytes(c.new_shape, c.dtype) for c in changes]
+    out = src_bytes + sum(new) - sum(nbytes(c.old_shape, c.dtype) for c in changes)
+    big = max(range(len(changes)), key=lambda i: new[i])
+    c = changes[big]
+    if out > max(LARGE_RATIO * src_bytes, LARGE_FLOOR):
+        raise UsageError(
+            f"{target} would make {c.key} {list(c.new_shape)} ({format_bytes(new[big])}; the output "
+            f"{format_bytes(out)}, {out // max(src_bytes, 1)}x the source's {format_bytes(src_bytes)}); "
+            f"pass --allow-large if you mean it"
+        )
+    work = [_working_bytes(c, owner.get((c.state_dict, c.key)), pos_conv, patch_method) for c in changes]
+    need = sum(new) + max(work)
+    if need > MEMORY_CAP:
+        worst = changes[max(range(len(changes)), key=lambda i: work[i])]
+        raise UsageError(
+            f"{target} would need about {format_bytes(need)} of memory to resample {worst.key} "
+            f"{list(worst.old_shape)} -> {list(worst.new_shape)}, over the {format_bytes(MEMORY_CAP)} cap; "
+            f"choose a smaller target, or pass --allow-large if you mean it (and have the memory)"
+        )
+
+
 def plan(
     src: str | os.PathLike[str],
     *,
@@ -261,8 +448,18 @@ def plan(
     antialias: bool | None = None,
     patch_method: str = "pi",
     device: str = "cpu",
+    allow_large: bool = False,
 ) -> Plan:
     """Work out a conversion from the file's shapes alone (no tensor data is read).
+
+    A model whose patch kernel follows a stem (a hybrid's CNN under ``patch_embed.backbone``, Hiera's strided
+    conv) has the stem's stride as its patch, which the weights do not state: ``from_img_size`` (or a
+    config.json) gives it, ``img_size`` needs it, ``patch`` is refused, and ``grid`` works without it.
+
+    Budgets, checked before anything is read or allocated (``allow_large=True`` lifts them): the output may be
+    at most :data:`~vitresize.plan.LARGE_RATIO` (10) times the source's size once it is over
+    :data:`~vitresize.plan.LARGE_FLOOR` (16 MiB), and the resampled tensors plus the resampling's working
+    memory at most :data:`~vitresize.plan.MEMORY_CAP` (4 GiB).
 
     Args:
         src: the checkpoint (.pth/.pt/.bin or .safetensors; the format is read from the content).
@@ -277,12 +474,15 @@ def plan(
         antialias: override antialiasing (position table and patch-resize basis).
         patch_method: ``"pi"`` (FlexiViT pseudo-inverse) or ``"interp"`` (plain kernel interpolation).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, where the resampling runs.
+        allow_large: lift the size and memory budgets above.
 
     Returns:
         A :class:`Plan` holding the opened source; close it (or use ``with``) when done.
 
     Raises:
-        UsageError: contradictory or invalid options (exit code 2 in the CLI).
+        UsageError: contradictory or invalid options, a stem's unknown stride, a target over the budgets
+            (exit code 2 in the CLI).
+        CheckpointFormatError: a table or kernel to resample is not float16, bfloat16, float32 or float64.
         VitresizeError: unreadable input, no ViT found, source geometry not inferable, device missing.
 
     Example:
@@ -313,6 +513,7 @@ def plan(
     ckpt = open_checkpoint(src)
     try:
         embeddings = _embeddings(ckpt, family, from_grid=src_grid, from_img_size=src_img, strict=True)
+        _check_stems(embeddings, target_img, target_patch)
         name, pos_conv, basis = resolve_conventions(
             method, native=embeddings[0].native_method, interpolation=interpolation, antialias=antialias
         )
@@ -322,16 +523,32 @@ def plan(
             if e.source is not None
         )
         changes = tuple(c for m in models for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], patch_method))
+        _check_dtypes(changes)
         _check_config_can_say(ckpt, models, folder=Path(src).is_dir())
+        if not allow_large:
+            _check_budget(
+                models,
+                changes,
+                _size_of(Path(src)),
+                _target_text(target_img, target_patch, target_grid),
+                pos_conv,
+                patch_method,
+            )
         warnings = list(dict.fromkeys(e.note for e in embeddings if e.note))
         sc = ckpt.sidecar
         if sc is not None and changes and not Path(src).is_dir():
             t = models[0].target
-            warnings.append(
-                f"{sc.path} is left as it is and still describes the old geometry; convert the folder "
-                f"(vitresize convert {sc.path.parent} OUT_DIR ...) to get one that says image "
-                f"{format_size(t.img_size)}, patch {format_size(t.patch)}"
-            )
+            if models[0].embedding.stem is not None:
+                what = f"set the image size {format_size(t.img_size)} in it by hand (keep its patch entry)"
+                if not models[0].embedding.stride_known:
+                    what = f"set in it the image size of a {format_size(t.grid)} grid by hand"
+                warnings.append(f"{sc.path} is left as it is and still describes the old geometry; {what}")
+            else:
+                warnings.append(
+                    f"{sc.path} is left as it is and still describes the old geometry; convert the folder "
+                    f"(vitresize convert {sc.path.parent} OUT_DIR ...) to get one that says image "
+                    f"{format_size(t.img_size)}, patch {format_size(t.patch)}"
+                )
         if not changes:
             warnings.append(
                 "nothing to resample: the target geometry equals the source; tensors are copied as they are"
@@ -349,6 +566,7 @@ def plan(
             num_tensors=sum(len(ckpt.state_dicts[s]) for s in dict.fromkeys(m.embedding.state_dict for m in models)),
             warnings=tuple(warnings),
             checkpoint=ckpt,
+            allow_large=allow_large,
         )
     except BaseException:
         ckpt.close()
@@ -376,6 +594,7 @@ def convert(
     antialias: bool | None = None,
     patch_method: str = "pi",
     device: str = "cpu",
+    allow_large: bool = False,
 ) -> Report:
     """Move a ViT checkpoint to a new image size and/or patch size, writing ``dst`` atomically.
 
@@ -395,6 +614,8 @@ def convert(
         fsync: flush the output to disk before returning (survives a power loss; costs about a copy's time).
         progress: called as ``progress(bytes_done, bytes_total)`` while writing (from the writer's threads;
             the total is an estimate, the input's size, until the end).
+        allow_large: lift the size and memory budgets (see :func:`plan`), also the one on a ``.safetensors``
+            output, which stores in full a broadcast tensor that a ``.pth`` holds in a few bytes.
 
     Returns:
         A :class:`Report`.
@@ -417,10 +638,12 @@ def convert(
         antialias=antialias,
         patch_method=patch_method,
         device=device,
+        allow_large=allow_large,
     ) as p:
         if dry_run:
             from ._execute import dry_run_report
 
+            check_output_size(p, Path(dst), select=select)
             return dry_run_report(p, Path(dst), force=force, select=select)
         return p.execute(dst, force=force, select=select, verify=verify, fsync=fsync, progress=progress)
 

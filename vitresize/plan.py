@@ -19,9 +19,39 @@ if TYPE_CHECKING:
     from ._verify import Verification
     from .formats import Checkpoint
 
-__all__ = ["Embedding", "Inspection", "ModelPlan", "Plan", "Report", "StateDictSummary", "TensorChange"]
+__all__ = [
+    "LARGE_FLOOR",
+    "LARGE_RATIO",
+    "MEMORY_CAP",
+    "Embedding",
+    "Inspection",
+    "ModelPlan",
+    "Plan",
+    "Report",
+    "StateDictSummary",
+    "TensorChange",
+]
 
 JSON_SCHEMA_VERSION = 1
+
+LARGE_RATIO = 10
+"""An output more than this many times the size of its source is refused (unless ``allow_large``) ..."""
+LARGE_FLOOR = 16 << 20
+"""... once it is over 16 MiB: a toy model of a few kB may grow tenfold for real."""
+MEMORY_CAP = 4 << 30
+"""Resampled tensors and the working memory of the resampling (float32 copies, the PI-resize matrix and its
+pseudo-inverse) are refused above 4 GiB (unless ``allow_large``): far beyond any real ViT's tables (ViT-g at
+4096x4096 pixels needs about 2 GiB), and short of what a typo (``--img-size 100000``) would try to allocate."""
+
+
+def format_bytes(n: int) -> str:
+    """``40960`` -> ``"40 KiB"``, ``10**10`` -> ``"9.3 GiB"``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" or size >= 100 else f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError  # pragma: no cover
 
 
 def _size(s: Size | None) -> list[int] | None:
@@ -53,6 +83,12 @@ class Embedding:
     """NaN/Inf counts of the position table and patch kernel (``inspect`` only; ``None`` = not read)."""
     native_method: str = "timm"
     position_ids_key: str | None = None
+    stem: str | None = None
+    """What runs before the patch kernel, for a model whose patch is not its kernel (a hybrid's CNN, Hiera's
+    strided stem): its patch is the stride, ``source.patch``, known only when ``stride_known``."""
+    stride_known: bool = True
+    """``False`` when a stem's stride was not given (``--from-img-size``, a config.json): ``source.patch`` is then
+    the kernel, and the image size unknown."""
 
     @property
     def pos_layout(self) -> str:
@@ -81,8 +117,9 @@ class Embedding:
             "dtype": self.dtype,
             "prefix_tokens": list(self.prefix_keys),
             "grid": _size(g.grid) if g else None,
-            "patch": _size(g.patch if g else self.kernel),
-            "img_size": _size(g.img_size) if g else None,
+            "patch": _size(g.patch if g else self.kernel) if self.stride_known else None,
+            "img_size": _size(g.img_size) if g and self.stride_known else None,
+            "stem": self.stem,
             "geometry_from": self.geometry_from,
             "note": self.note,
             "nonfinite": self.nonfinite,
@@ -127,10 +164,11 @@ class ModelPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.embedding.to_dict()
+        known = self.embedding.stride_known
         d.update(
             new_grid=_size(self.target.grid),
-            new_patch=_size(self.target.patch),
-            new_img_size=_size(self.target.img_size),
+            new_patch=_size(self.target.patch) if known else None,
+            new_img_size=_size(self.target.img_size) if known else None,
         )
         return d
 
@@ -155,6 +193,8 @@ class Plan:
     num_tensors: int
     warnings: tuple[str, ...] = ()
     checkpoint: Checkpoint | None = field(default=None, repr=False, compare=False)
+    allow_large: bool = False
+    """Lift the size budgets (:data:`LARGE_RATIO`, :data:`MEMORY_CAP`); see :func:`vitresize.plan`."""
 
     @property
     def family(self) -> str:
@@ -179,9 +219,14 @@ class Plan:
         fsync: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> Report:
-        """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert`."""
+        """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert`.
+
+        Raises:
+            UsageError: a ``.safetensors`` output would be over the size budget (see :func:`check_output_size`).
+        """
         from ._execute import execute
 
+        check_output_size(self, Path(dst), select=select)
         return execute(self, Path(dst), force=force, select=select, verify=verify, fsync=fsync, progress=progress)
 
     def close(self) -> None:
@@ -196,6 +241,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         first = self.models[0]
+        known = first.embedding.stride_known
         return {
             "src": str(self.src),
             "src_format": self.src_format,
@@ -212,10 +258,10 @@ class Plan:
             "device": self.device,
             "old_grid": _size(first.source.grid),
             "new_grid": _size(first.target.grid),
-            "old_patch": _size(first.source.patch),
-            "new_patch": _size(first.target.patch),
-            "old_img_size": _size(first.source.img_size),
-            "new_img_size": _size(first.target.img_size),
+            "old_patch": _size(first.source.patch) if known else None,
+            "new_patch": _size(first.target.patch) if known else None,
+            "old_img_size": _size(first.source.img_size) if known else None,
+            "new_img_size": _size(first.target.img_size) if known else None,
             "state_dicts": list(self.state_dicts),
             "models": [m.to_dict() for m in self.models],
             "changes": [c.to_dict() for c in self.changes],
@@ -223,6 +269,40 @@ class Plan:
             "passed_through": self.passed_through,
             "warnings": list(self.warnings),
         }
+
+
+def check_output_size(plan: Plan, dst: Path, *, select: str | None = None) -> None:
+    """Refuse a ``.safetensors`` output that would be over :data:`LARGE_RATIO` times its source (and over
+    :data:`LARGE_FLOOR`), unless ``plan.allow_large``.
+
+    :func:`vitresize.plan` bounds the output from the planned changes. This is the part that depends on the
+    output: a ``.pth`` may hold a broadcast view (``torch.zeros(1).expand(20000, 20000)``) in a few bytes,
+    which ``torch.save`` keeps as small, but a ``.safetensors`` file stores every element.
+
+    Raises:
+        UsageError: the output would be over the budget.
+    """
+    ckpt = plan.checkpoint
+    if plan.allow_large or ckpt is None or dst.suffix.lower() != ".safetensors" or ckpt.path.is_dir():
+        return
+    from ._execute import _select
+    from .errors import UsageError
+    from .formats._dtypes import nbytes
+
+    (name,), _ = _select(plan, ckpt, "safetensors", select)
+    new = {c.key: c.new_shape for c in plan.changes if c.state_dict == name}
+    sizes = {k: nbytes(new.get(k, info.shape), info.dtype) for k, info in ckpt.state_dicts[name].items()}
+    total, source = sum(sizes.values()), ckpt.path.stat().st_size
+    if total <= max(LARGE_RATIO * source, LARGE_FLOOR):
+        return
+    big = max(sizes, key=lambda k: sizes[k])
+    shape = list(new.get(big, ckpt.state_dicts[name][big].shape))
+    raise UsageError(
+        f"{dst.name} would hold {format_bytes(total)} of tensors, {total // max(source, 1)}x the source's "
+        f"{format_bytes(source)} ({big} {shape} alone is {format_bytes(sizes[big])}; a .safetensors file stores "
+        f"every element of a broadcast or shared tensor that a .pth keeps once); write a .pth, or pass "
+        f"--allow-large if you mean it"
+    )
 
 
 @dataclass(frozen=True)

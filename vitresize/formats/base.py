@@ -24,7 +24,11 @@ def nonfinite(t: torch.Tensor) -> int:
     """NaN and Inf elements of a tensor (0 for integer dtypes)."""
     import torch
 
-    return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+    if not t.is_floating_point():
+        return 0
+    if t.element_size() == 1:  # float8: torch.isfinite has no kernel for some of them; every value fits float32
+        t = t.float()
+    return int((~torch.isfinite(t)).sum())
 
 
 class Checkpoint(ABC):

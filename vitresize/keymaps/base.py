@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,6 +80,12 @@ class KeyMap:
         position_ids: an integer buffer ``[1, rows]`` that counts the table's rows (older HF CLIP files); it
             is rewritten to count the new rows.
         sidecar: the sidecar ``config.json`` kind that goes with this family (``hf`` or ``timm``).
+        stems: ``(pattern, what)``: a key (a regular expression matched at the start of the key below the model
+            prefix) that shows the patch kernel is not the patch, because a stem runs before it (a hybrid's CNN)
+            or the kernel is strided otherwise (Hiera's 7x7 stride-4 conv). The table's grid is then
+            image / stride, and the stride cannot be read from the weights. ``what`` names it, ``{key}`` the key.
+        unsupported: ``(pattern, why)``: a key that marks a model of this layout whose table vitresize must
+            not resample; ``why`` says so (``{key}``: the key), and what to do instead.
     """
 
     family: str
@@ -95,11 +102,18 @@ class KeyMap:
     native_when: tuple[tuple[str, str], ...] = ()
     position_ids: str | None = None
     sidecar: str = "timm"
+    stems: tuple[tuple[str, str], ...] = ()
+    unsupported: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class Found:
-    """One ViT found in a state dict: its key prefix (e.g. ``module.``) and the keys that matter."""
+    """One ViT found in a state dict: its key prefix (e.g. ``module.``) and the keys that matter.
+
+    ``stem``: why the patch kernel is not the patch (what runs before it, and the key that shows it), or
+    ``None`` for a plain ViT, whose patch is its kernel. ``unsupported``: why this table must not be
+    resampled, or ``None``.
+    """
 
     keymap: KeyMap
     prefix: str
@@ -107,6 +121,8 @@ class Found:
     patch_key: str
     token_keys: tuple[str, ...]
     token_rows: int
+    stem: str | None = None
+    unsupported: str | None = None
 
     def native_method(self, tensors: Mapping[str, TensorInfo]) -> str:
         """The family's own convention for this model (some depend on which tokens it has)."""
@@ -156,7 +172,23 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
             want = "[ph, pw, channels, dim]" if keymap.patch_layout == "HWIO" else "[dim, channels, ph, pw]"
             misses.append(f"{patch_key} has shape {list(patch.shape)}, not {want}")
             continue
+        if 0 in patch.shape or 0 in info.shape:
+            empty = patch_key if 0 in patch.shape else key
+            misses.append(f"{empty} has a zero-size dimension ({list(tensors[empty].shape)}), so it holds no weights")
+            continue
         token_keys = tuple(prefix + t for t in keymap.tokens if prefix + t in tensors)
         rows = sum(token_rows(tensors[k]) for k in token_keys)
-        found.append(Found(keymap, prefix, key, patch_key, token_keys, rows))
+        stem = _marked(tensors, prefix, keymap.stems)
+        unsupported = _marked(tensors, prefix, keymap.unsupported)
+        found.append(Found(keymap, prefix, key, patch_key, token_keys, rows, stem, unsupported))
     return found, misses
+
+
+def _marked(tensors: Mapping[str, TensorInfo], prefix: str, marks: tuple[tuple[str, str], ...]) -> str | None:
+    """The text of the first mark whose pattern matches a key below ``prefix`` (its ``{key}`` filled), or ``None``."""
+    for pattern, text in marks:
+        rx = re.compile(re.escape(prefix) + pattern)
+        key = next((k for k in tensors if rx.match(k)), None)
+        if key is not None:
+            return text.format(key=key)
+    return None

@@ -11,6 +11,8 @@ bicubic without antialias, except in ``Dinov2WithRegistersModel``, which antiali
 SigLIP: none) and a bias-free (CLIP) conv ``embeddings.patch_embedding.weight``. The text tower's table
 (``text_model.embeddings.position_embedding.weight``) has no patch kernel beside it and is never matched.
 Older CLIP files carry the buffer ``embeddings.position_ids``, which is rewritten to count the new rows.
+``ViTHybridModel`` keeps a BiT backbone under ``embeddings.patch_embeddings.backbone``: its 1x1 projection
+is not the patch.
 """
 
 from .base import KeyMap
@@ -24,6 +26,7 @@ HF_VIT = KeyMap(
     native_when=(("embeddings.register_tokens", "hf-dinov2-reg"),),
     sidecar="hf",
     description="Hugging Face ViT / DeiT / DINOv2 (+registers): embeddings.position_embeddings, cls/distillation",
+    stems=((r"embeddings\.patch_embeddings\.(?!projection\.)", "a CNN stem ({key})"),),
 )
 
 HF_CLIP = KeyMap(

@@ -5,6 +5,7 @@ The patch kernel ``embedding/kernel`` is HWIO ``[ph, pw, C, D]``. vit_jax keeps
 ``Transformer/posembed_input/pos_embedding [1, 1 + H*W, D]`` with a row for ``cls``; big_vision keeps
 ``pos_embedding [1, H*W, D]``, without a class row even when ``cls`` exists. Both resample the table with
 ``scipy.ndimage.zoom(order=1)``; FlexiViT resizes the kernel with a bilinear, non-antialiased basis.
+vit_jax's R50+ViT hybrids keep a ResNet (``conv_root``, ``block1/unit1/...``) before a 1x1 ``embedding``.
 """
 
 from .base import KeyMap
@@ -18,6 +19,7 @@ VIT_JAX = KeyMap(
     sep="/",
     patch_layout="HWIO",
     description="vit_jax .npz (ViT, AugReg): Transformer/posembed_input/pos_embedding, embedding/kernel (HWIO)",
+    stems=((r"(conv_root|gn_root|block\d+/unit\d+)/", "a ResNet stem ({key})"),),
 )
 
 BIG_VISION = KeyMap(

@@ -3,6 +3,11 @@
 ``pos_embed [1, p + H*W, D]`` holds rows for ``cls_token``, ``dist_token`` (DeiT distilled) and ``reg_token``
 (``[1, R, D]``) in that order, unless the model was built with ``no_embed_class=True`` (DeiT-III, FlexiViT),
 in which case it holds the grid only. No class token (global pool) means no class row.
+
+The patch is the kernel's size only in a plain ViT. Hybrids (``vit_base_r50_s16_224``: a ResNet under
+``patch_embed.backbone``, then a 1x1 or 8x8 ``patch_embed.proj``) and Hiera (a 7x7 stride-4 stem conv, told
+apart by the ``blocks.N.proj`` of its pooling stages) embed at a stride the weights do not state.
+Qwen3-VL's encoder (``merger.*``) keeps a fixed 48x48 table that it resamples at run time to any image size.
 """
 
 from .base import KeyMap
@@ -15,4 +20,15 @@ TIMM = KeyMap(
     native_method="timm",
     no_embed_class=True,
     description="timm VisionTransformer / DeiT: pos_embed, patch_embed.proj.weight, cls/dist/reg tokens",
+    stems=(
+        (r"patch_embed\.(?!proj\.|norm\.)", "a CNN stem ({key})"),
+        (r"blocks\.\d+\.proj\.weight$", "an overlapping stem conv and token-pooling stages ({key}), as Hiera has"),
+    ),
+    unsupported=(
+        (
+            r"merger\.",
+            "{key} marks a Qwen3-VL vision encoder, which resamples this table at run time for any image "
+            "size; use the weights as they are",
+        ),
+    ),
 )

@@ -16,12 +16,16 @@ __all__ = [
     "PATCH_BASES",
     "PATCH_BASIS",
     "PATCH_METHODS",
+    "RESAMPLED_DTYPES",
     "Convention",
     "resolve_conventions",
 ]
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "area")
 PATCH_METHODS = ("pi", "interp")
+RESAMPLED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""The dtypes (torch's names) of the tables and kernels vitresize resamples. Integer, bool and complex tensors
+have no meaningful interpolation, and float8 ones none in ``F.interpolate``: they are refused."""
 _SMOOTH = ("bicubic", "bilinear")
 
 

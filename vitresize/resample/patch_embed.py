@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .conventions import Convention
 from .geometry import Size
+from .pos_embed import check_dtype, memory_guard
 
 __all__ = ["resample_patch_embed"]
 
@@ -49,12 +50,22 @@ def resample_patch_embed(
 
     Returns:
         ``[D, C, new_h, new_w]`` in the input dtype (the input itself when the size is unchanged).
+
+    Raises:
+        ValueError: not a 4-D kernel, not float16, bfloat16, float32 or float64, or an unknown ``method``.
+        VitresizeError: out of memory.
     """
     if weight.ndim != 4:
         raise ValueError(f"expected a kernel of shape [D, C, ph, pw], got {list(weight.shape)}")
+    check_dtype(weight, "the patch kernel")
     old_size: Size = (int(weight.shape[-2]), int(weight.shape[-1]))
     if old_size == tuple(new_size):
         return weight
+    with memory_guard(f"a {list(weight.shape)} patch kernel to {new_size[0]}x{new_size[1]}"):
+        return _resample(weight, old_size, new_size, basis, method)
+
+
+def _resample(weight: torch.Tensor, old_size: Size, new_size: Size, basis: Convention, method: str) -> torch.Tensor:
     orig_dtype = weight.dtype
     if method == "interp":
         interp = F.interpolate(

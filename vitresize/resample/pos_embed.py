@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
-from .conventions import Convention
+from ..errors import VitresizeError
+from .conventions import RESAMPLED_DTYPES, Convention
 from .geometry import Size
 
-__all__ = ["resample_pos_embed"]
+__all__ = ["check_dtype", "memory_guard", "resample_pos_embed"]
+
+
+def check_dtype(t: torch.Tensor, what: str) -> None:
+    """Refuse a tensor that is not float16, bfloat16, float32 or float64 (interpolating it means nothing).
+
+    Raises:
+        ValueError: naming ``what`` and the dtype.
+    """
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in RESAMPLED_DTYPES:
+        raise ValueError(f"{what} is {name}; only {', '.join(RESAMPLED_DTYPES)} tensors can be resampled")
+
+
+@contextmanager
+def memory_guard(what: str) -> Iterator[None]:
+    """Turn running out of memory (``MemoryError``, torch's out-of-memory errors) into one line.
+
+    Raises:
+        VitresizeError: ``out of memory while resampling <what>; ...``.
+    """
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError):
+        pass
+    except RuntimeError as e:  # torch's CPU allocator raises a plain RuntimeError
+        if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
+            raise
+    else:
+        return
+    raise VitresizeError(
+        f"out of memory while resampling {what}; choose a smaller target, free some memory, or resample on "
+        f"another --device"
+    )
 
 
 def resample_pos_embed(
@@ -37,7 +74,9 @@ def resample_pos_embed(
         ``[1, num_prefix_tokens + new_h * new_w, D]`` in the input dtype (the input itself when nothing changes).
 
     Raises:
-        ValueError: the table's shape does not match ``old_grid`` and ``num_prefix_tokens``.
+        ValueError: the table's shape does not match ``old_grid`` and ``num_prefix_tokens``, or its dtype is not
+            float16, bfloat16, float32 or float64.
+        VitresizeError: out of memory.
 
     Example:
         >>> import torch
@@ -49,6 +88,7 @@ def resample_pos_embed(
     """
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise ValueError(f"expected a position table of shape [1, L, D], got {list(posemb.shape)}")
+    check_dtype(posemb, "the position table")
     expected = num_prefix_tokens + old_grid[0] * old_grid[1]
     if posemb.shape[1] != expected:
         raise ValueError(
@@ -61,12 +101,14 @@ def resample_pos_embed(
     dim = posemb.shape[-1]
     orig_dtype = posemb.dtype
     work = torch.float64 if convention.float64 else torch.float32
-    grid = grid.to(work).reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
-    grid = _interpolate(grid, old_grid, new_grid, convention)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(orig_dtype)
-    if num_prefix_tokens == 0:
-        return grid
-    return torch.cat([prefix, grid], dim=1)
+    rows = num_prefix_tokens + new_grid[0] * new_grid[1]
+    with memory_guard(f"a {list(posemb.shape)} position table to [1, {rows}, {dim}]"):
+        grid = grid.to(work).reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+        grid = _interpolate(grid, old_grid, new_grid, convention)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(orig_dtype)
+        if num_prefix_tokens == 0:
+            return grid
+        return torch.cat([prefix, grid], dim=1)
 
 
 def _interpolate(grid: torch.Tensor, old_grid: Size, new_grid: Size, convention: Convention) -> torch.Tensor:
