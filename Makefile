@@ -7,7 +7,7 @@ DEMO   := build/demo
 N      ?= 5000
 SEED   ?= 0
 
-.PHONY: install demo test fuzz bench bench-quick bench-huge lint format fixtures clean
+.PHONY: install demo test test-slow fuzz bench bench-quick bench-huge lint format fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# The slow tests (the timm architecture survey, ~30 s); pytest's exit code 5 (none collected) is not a failure.
+test-slow: install
+	$(BIN)/pytest -m slow || [ $$? -eq 5 ]
 
 # The long fuzz run: N mutated fixtures through inspect + convert --verify, in worker processes.
 fuzz: install

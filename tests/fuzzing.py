@@ -29,6 +29,7 @@ import queue
 import random
 import re
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -62,6 +63,9 @@ BASES = [
     "families/open_clip.pth",
     "families/dinov2_vits14_reg4.pth",
     "families/hf_clip/model.safetensors",
+    "families/hf_vit/",  # model folders: mutated as folders (links, FIFOs, sockets, JSON), see mutate_folder
+    "families/hf_vit_sharded/",
+    "families/hf_clip/",
 ]
 
 
@@ -267,6 +271,287 @@ def mutate(name: str, data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return out, what
 
 
+# --- folder mutations: model folders come from the internet (links, devices, FIFOs, sockets, JSON) ------
+
+SECRET = b"vitresize-fuzz-SECRET-7f3a9c"  # planted outside the input: no output may ever hold it
+
+
+def plant_secrets(workdir: Path) -> list[Path]:
+    """A secret file and folder beside the input (mode 0600), for links that leave the folder to point at."""
+    secret = workdir / "secret.txt"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    folder = workdir / "secretdir"
+    folder.mkdir()
+    (folder / "id_rsa").write_bytes(SECRET)
+    (folder / "id_rsa").chmod(0o600)
+    return [secret, folder]
+
+
+def _pick_name(folder: Path, rng: random.Random) -> Path:
+    """An existing file of the folder (to replace), or a new name, maybe in a subfolder."""
+    existing = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    new = [folder / n for n in ("README.md", "tokenizer.json", ".gitattributes", "sub/notes.txt", "sub/deep/x.bin")]
+    path = rng.choice(existing + new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    return path
+
+
+def folder_link_out(folder: Path, workdir: Path, rng: random.Random) -> str:
+    path = _pick_name(folder, rng)
+    target = rng.choice(
+        [
+            str(workdir / "secret.txt"),
+            os.path.relpath(workdir / "secret.txt", path.parent),
+            str(workdir / "secretdir"),
+            "/dev/zero",
+            "/dev/urandom",
+            "/dev/null",
+            "/etc/hostname",
+            str(workdir / "nowhere" / "x"),  # dangling
+            path.name,  # a link to itself (ELOOP)
+        ]
+    )
+    path.symlink_to(target)
+    return f"link {path.relative_to(folder)} -> {target}"
+
+
+def folder_link_in(folder: Path, workdir: Path, rng: random.Random) -> str:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    target = rng.choice(files)
+    path = folder / rng.choice(["copy.json", "sub/model.safetensors", "alias.bin"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(os.path.relpath(target, path.parent))
+    return f"link {path.relative_to(folder)} -> {target.name} (inside)"
+
+
+def folder_special(folder: Path, workdir: Path, rng: random.Random) -> str:
+    path = _pick_name(folder, rng)
+    if rng.random() < 0.6:
+        os.mkfifo(path)
+        return f"FIFO {path.relative_to(folder)}"
+    import socket
+
+    if len(str(path)) > 100:  # AF_UNIX paths are short
+        os.mkfifo(path)
+        return f"FIFO {path.relative_to(folder)}"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    return f"socket {path.relative_to(folder)}"
+
+
+def _json_target(folder: Path, rng: random.Random) -> Path:
+    index = sorted(folder.glob("*.index.json"))
+    return rng.choice([folder / "config.json", *index, folder / "preprocessor_config.json"])
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # an earlier mutation may have made it 100k deep
+        return {}
+
+
+def folder_json_depth(folder: Path, workdir: Path, rng: random.Random) -> str:
+    path = _json_target(folder, rng)
+    depth = rng.choice([64, 127, 128, 129, 200, 1000, 100_000])
+    opener, closer = rng.choice([('{"a":', "}"), ("[", "]")])
+    deep = opener * depth + "1" + closer * depth
+    data = _load_json(path)
+    if isinstance(data, dict) and data and rng.random() < 0.7:
+        field = rng.choice([*data, "deep"])
+        raw = json.dumps({**data, field: "@@"}).replace('"@@"', deep)
+    else:
+        raw = deep
+    path.write_text(raw)
+    return f"JSON nested {depth} deep in {path.name}"
+
+
+def folder_json_fields(folder: Path, workdir: Path, rng: random.Random) -> str:
+    path = _json_target(folder, rng)
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        data = {}
+    if rng.random() < 0.3:  # a timm hub config instead
+        data = {"architecture": "vit_tiny_patch16_224", "pretrained_cfg": {"input_size": [3, 32, 32]}, "model_args": {}}
+    field = rng.choice(
+        [
+            "image_size",
+            "patch_size",
+            "vision_config",
+            "pretrained_cfg",
+            "model_args",
+            "metadata",
+            "weight_map",
+            "model_type",
+            "architecture",
+        ]
+    )
+    value = rng.choice(
+        [
+            *_WEIRD,
+            [3, "x", 32],
+            {"input_size": "x"},
+            {"img_size": [1.5, 2]},
+            {"total_size": "x"},
+            {"pos_embed": "../secret.txt"},
+            {"embeddings.position_embeddings": "/etc/hostname"},
+            10**4000,
+        ]
+    )
+    data[field] = value
+    path.write_text(json.dumps(data) if not isinstance(value, int) or value < 10**100 else "{}")
+    return f"{path.name}: {field} = {str(value)[:40]}"
+
+
+def folder_json_big(folder: Path, workdir: Path, rng: random.Random) -> str:
+    path = _json_target(folder, rng)
+    pad = rng.choice([1, 17]) * 1024 * 1024
+    path.write_bytes(b" " * pad + (path.read_bytes() if path.is_file() else b"{}"))
+    return f"{path.name} padded to {pad // 1024 // 1024} MiB"
+
+
+def folder_bytes(folder: Path, workdir: Path, rng: random.Random) -> str:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    path = rng.choice(files)
+    data, what = mutate(path.name, path.read_bytes(), rng)
+    path.write_bytes(data)
+    return f"{path.name}: {what}"
+
+
+def folder_perms(folder: Path, workdir: Path, rng: random.Random) -> str:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    path = rng.choice([*files, folder])
+    mode = rng.choice([0o600, 0o640, 0o400, 0o700, 0o755]) if path != folder else rng.choice([0o700, 0o750])
+    path.chmod(mode)
+    return f"chmod {oct(mode)} {path.name}"
+
+
+FOLDER_MUTATIONS: list[tuple[Callable[[Path, Path, random.Random], str], int]] = [
+    (folder_link_out, 4),
+    (folder_link_in, 1),
+    (folder_special, 2),
+    (folder_json_depth, 2),
+    (folder_json_fields, 3),
+    (folder_json_big, 1),
+    (folder_bytes, 3),
+    (folder_perms, 2),
+]
+
+
+def mutate_folder(folder: Path, workdir: Path, rng: random.Random) -> str:
+    """One or two folder mutations; the description says what was done."""
+    ops, weights = zip(*FOLDER_MUTATIONS, strict=True)
+    done = [rng.choices(ops, weights)[0](folder, workdir, rng)]
+    if rng.random() < 0.25:
+        done.append(rng.choices(ops, weights)[0](folder, workdir, rng))
+    return " + ".join(done)
+
+
+def mutate_destination(src: Path, dst: Path, workdir: Path, rng: random.Random) -> tuple[Path, str, list[str]]:
+    """Sometimes a hostile or careless DST: an ancestor of SRC, inside SRC, a link to a folder, a dangling link."""
+    if rng.random() > 0.25:
+        return dst, "", []
+    what = rng.choice(["ancestor", "inside", "link to folder", "dangling link", "file as folder"])
+    force = ["--force"] if rng.random() < 0.8 else []
+    if what == "ancestor":
+        return workdir, "DST = the folder holding SRC", force
+    if what == "inside" and src.is_dir():
+        return src / "resized", "DST inside SRC", force
+    if what == "link to folder":
+        other = workdir / "other"
+        other.mkdir(exist_ok=True)
+        (other / "keep.txt").write_text("keep me")
+        link = workdir / "out_link"
+        link.symlink_to("other")
+        return link, "DST a link to a folder", force
+    if what == "dangling link":
+        link = workdir / "dangling"
+        link.symlink_to(workdir / "nowhere" / dst.name)
+        return link, "DST a dangling link", force
+    return src / "x.safetensors", "DST below SRC", force
+
+
+def tree_digest(path: Path) -> str:
+    """What a file or folder holds, without following links or opening anything but regular files."""
+    h = hashlib.sha256()
+    if not os.path.lexists(path):
+        return "absent"
+    for root, dirs, files in os.walk(path) if path.is_dir() and not path.is_symlink() else [(None, [], [path])]:
+        dirs.sort()
+        for name in sorted(files) + dirs:
+            p = Path(root, name) if root is not None else Path(name)
+            st = os.lstat(p)
+            h.update(f"{p}:{st.st_mode:o}:".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(str(p.readlink()).encode())
+            elif stat.S_ISREG(st.st_mode):
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def leftovers_in(workdir: Path) -> list[str]:
+    """Temp and backup files anywhere below ``workdir`` (links not followed)."""
+    found = []
+    for root, dirs, files in os.walk(workdir):
+        found += [str(Path(root, n)) for n in dirs + files if ".vitresize-" in n]
+    return sorted(found)
+
+
+def check_folder_output(src: Path, dst: Path) -> list[str]:
+    """A converted folder: regular files only, no secret inside, no mode wider than the source's, loadable."""
+    problems = []
+    if dst.is_symlink() or not dst.is_dir():
+        return [f"output {dst} is not a folder"]
+    for root, dirs, files in os.walk(dst):
+        for name in files + dirs:
+            p = Path(root, name)
+            st = os.lstat(p)
+            rel = p.relative_to(dst)
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"output holds {rel}, not a regular file (mode {st.st_mode:o})")
+                continue
+            data = p.read_bytes()
+            if SECRET in data:
+                problems.append(f"output {rel} holds a copy of a file outside the input (A LEAK)")
+            s = src / rel
+            if s.is_file():
+                src_mode = s.stat().st_mode & 0o777
+                if st.st_mode & 0o777 & ~src_mode:
+                    mode = st.st_mode & 0o777
+                    problems.append(f"output {rel} has mode {mode:o}, wider than the source's {src_mode:o}")
+            copied = s.is_file() and s.read_bytes() == data
+            if name.endswith(".safetensors") and not copied and (err := _reread(p)):
+                problems.append(f"output {rel} does not load: {err}")
+    return problems
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss() -> int:
+    """Peak resident memory (bytes) since the last reset (VmHWM), or 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+MAX_PEAK_RSS = 2 * 1024**3
+
+
 # --- one case ----------------------------------------------------------------------------------------
 
 
@@ -277,6 +562,7 @@ class Outcome:
     mutation: str
     kind: str  # "converted" | "refused" | "FAIL"
     detail: str
+    peak: int = 0  # peak resident memory of the process during the case, bytes (0: not measured)
 
     @property
     def failed(self) -> bool:
@@ -345,30 +631,45 @@ def run_case(seed: int, case: int, workdir: Path) -> Outcome:
 
     rng = random.Random(f"{seed}:{case}")
     base = rng.choice(BASES)
-    data, what = mutate(base, base_bytes(base), rng)
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    if workdir.exists() or workdir.is_symlink():
+        _clear(workdir)
     workdir.mkdir(parents=True)
-    ext = rng.choice([Path(base).suffix] * 4 + [".pth", ".safetensors", ".bin", ".npz"])
-    src = workdir / f"input{ext}"
-    src.write_bytes(data)
-    before = _sha(src)
-    outs = [".safetensors", ".pth"] + ([".npz"] if base.endswith(".npz") else [])
-    dst = workdir / f"output{rng.choice(outs)}"
+    expected = set(plant_secrets(workdir))
+    if base.endswith("/"):
+        src = workdir / "input"
+        shutil.copytree(FIXTURES / base, src)
+        what = mutate_folder(src, workdir, rng)
+        dst = workdir / "output"
+    else:
+        data, what = mutate(base, base_bytes(base), rng)
+        ext = rng.choice([Path(base).suffix] * 4 + [".pth", ".safetensors", ".bin", ".npz"])
+        src = workdir / f"input{ext}"
+        src.write_bytes(data)
+        outs = [".safetensors", ".pth"] + ([".npz"] if base.endswith(".npz") else [])
+        dst = workdir / f"output{rng.choice(outs)}"
     args = rng.choice(_ARGS)
+    dst, dst_what, extra = mutate_destination(src, dst, workdir, rng)
+    if dst_what:
+        what += f"; {dst_what} {' '.join(extra)}"
+    expected |= {src, dst, workdir / "other"}
+    before, dst_before = tree_digest(src), tree_digest(dst)
     runner = CliRunner()
     cwd = Path.cwd()
     os.chdir(workdir)
+    measured = _reset_peak_rss()
     try:
         ins = runner.invoke(app, ["inspect", str(src), "--json"])
-        res = runner.invoke(app, ["convert", str(src), str(dst), *args, "--verify", "--json"])
+        res = runner.invoke(app, ["convert", str(src), str(dst), *args, *extra, "--verify", "--json"])
     finally:
         os.chdir(cwd)
+    peak = _peak_rss() if measured else 0
 
     def out(kind: str, detail: str = "") -> Outcome:
-        return Outcome(case, base, what, kind, detail)
+        return Outcome(case, base, what, kind, detail, peak)
 
     problems = []
+    if peak > MAX_PEAK_RSS:
+        problems.append(f"peak memory {peak / 1024**3:.1f} GiB (limit {MAX_PEAK_RSS / 1024**3:.0f} GiB)")
     if ins.exit_code != 0 and (p := _check_refusal(ins, "inspect")):
         problems.append(p)
     if ins.exit_code not in (0, 1):
@@ -378,29 +679,49 @@ def run_case(seed: int, case: int, workdir: Path) -> Outcome:
             json.loads(res.stdout)
         except ValueError:
             problems.append("convert: exit 0 without one JSON object on stdout")
-        if not dst.is_file():
+        if src.is_dir():
+            problems += check_folder_output(src, dst)
+        elif not dst.is_file():
             problems.append("convert: exit 0 but no output file")
         elif err := _reread(dst):
             problems.append(f"convert: the output does not load independently: {err}")
+        elif SECRET in dst.read_bytes():
+            problems.append("convert: the output holds a file outside the input (A LEAK)")
     else:
         if p := _check_refusal(res, "convert"):
             problems.append(p)
-        elif res.exit_code == 1 and str(src) not in res.stderr and str(dst) not in res.stderr:
+        elif res.exit_code == 1 and not any(_named(x, res.stderr) for x in (src, dst)):
             problems.append(f"convert: the error does not name the file: {res.stderr.strip()!r}")
         if res.exit_code not in (1, 2):
             problems.append(f"convert: exit code {res.exit_code}")
-        if dst.exists():
-            problems.append("convert: failed but left an output file")
-    left = sorted(p.name for p in workdir.iterdir() if p not in (src, dst))
+        if tree_digest(dst) != dst_before:
+            problems.append("convert: failed but left an output behind, or changed an existing DST")
+    left = sorted(p.name for p in workdir.iterdir() if p not in expected)
+    left += leftovers_in(workdir)
     if left:
-        problems.append(f"left behind: {left}" + (" (THE PAYLOAD RAN)" if MARKER in left else ""))
-    if _sha(src) != before:
-        problems.append("the input file was modified")
+        problems.append(f"left behind: {left}" + (" (THE PAYLOAD RAN)" if MARKER in str(left) else ""))
+    if src != dst and tree_digest(src) != before:
+        problems.append("the input was modified")
     if problems:
         return out("FAIL", "; ".join(problems) + f"\n  convert {args}: exit {res.exit_code}, stderr {res.stderr!r}")
     if res.exit_code == 0:
         return out("converted")
     return out("refused", res.stderr.strip()[7:].replace(str(src), "FILE").replace(str(dst), "DST"))
+
+
+def _named(path: Path, text: str) -> bool:
+    """Whether an error line names ``path`` (or, for a folder, something inside it)."""
+    return str(path) in text or str(path).encode("unicode_escape").decode() in text
+
+
+def _clear(workdir: Path) -> None:
+    """Empty the case folder: links unlinked (never followed), FIFOs and sockets removed, modes restored."""
+    for root, dirs, _ in os.walk(workdir):
+        for name in dirs:
+            p = Path(root, name)
+            if not p.is_symlink():
+                p.chmod(0o700)
+    shutil.rmtree(workdir)
 
 
 # --- the long run: worker processes and a watchdog ---------------------------------------------------
@@ -491,7 +812,11 @@ def summarize(outcomes: list[Outcome], seed: int, seconds: float) -> str:
         f"  failures: tracebacks {sum('exception escaped' in o.detail for o in outcomes)}, "
         f"hangs {sum(o.detail.startswith('hang') for o in outcomes)}, "
         f"crashes {sum(o.detail.startswith('crash') for o in outcomes)}, "
-        f"leftover files {sum('left behind' in o.detail for o in outcomes)}",
+        f"leftover files {sum('left behind' in o.detail for o in outcomes)}, "
+        f"inputs modified {sum('input was modified' in o.detail for o in outcomes)}, "
+        f"leaks {sum('A LEAK' in o.detail for o in outcomes)}, "
+        f"over {MAX_PEAK_RSS // 1024**3} GiB {sum('peak memory' in o.detail for o in outcomes)}",
+        f"  peak memory per case (the worker process's): max {max((o.peak for o in outcomes), default=0) >> 20} MiB",
         "  inputs: " + ", ".join(f"{b} {n}" for b, n in sorted(bases.items())),
         "  most common refusals: " + "; ".join(f"{r} ({n})" for r, n in reasons.most_common(5)),
     ]
