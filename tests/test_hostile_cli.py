@@ -138,7 +138,7 @@ def hostile(tmp_path: Path) -> dict[str, Path]:
     keys = tmp_path / f"keys{HOSTILE}.safetensors"
     save_file({HOSTILE + "." + k: v for k, v in sd.items()}, str(keys), metadata={"n\x1bote": "v\x07\n"})
     nest = tmp_path / f"nest{HOSTILE}.pth"
-    torch.save({"model\x1b[31m\n": sd, "ema\x07": sd}, nest)
+    torch.save({"model\x1b[31m\n": sd, "ema\x07": dict(sd)}, nest)  # two state dicts (one dict twice is one)
     return {"keys": keys, "nest": nest}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import threading
@@ -287,24 +286,16 @@ def _tensor_segment(ckpt: Checkpoint, name: str, key: str) -> Segment:
     return Segment(key, info.dtype, info.shape, nbytes(info.shape, info.dtype), tensor=lambda: ckpt.tensor(name, key))
 
 
-def _replace(node: Any, path: list[str], key: str, value: Any) -> Any:
-    """A shallow copy of ``node`` with ``node[path...][key] = value``; dict types and attributes kept."""
-    new = copy.copy(node)
-    if path:
-        new[path[0]] = _replace(node[path[0]], path[1:], key, value)
-    else:
-        new[key] = value
-    return new
-
-
 def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, progress: Progress | None) -> int:
     from .formats.safetensors import SafetensorsCheckpoint
-    from .formats.torch_pickle import TorchCheckpoint, iter_state_dicts, load_container, save_container
+    from .formats.torch_pickle import TorchCheckpoint, iter_state_dicts, load_container, replace_tensors, save_container
 
     if isinstance(ckpt, TorchCheckpoint):
-        container = ckpt.container
+        by_sd: dict[str, dict[str, torch.Tensor]] = {}
         for (sd, key), t in repl.items():
-            container = _replace(container, sd.split("/") if sd else [], key, t)
+            by_sd.setdefault(sd, {})[key] = t
+        # One new dict per state dict, whatever the paths to it: an aliased one ({"model": sd, "ema": sd}) stays one.
+        container = replace_tensors(ckpt.container, {ckpt.path_of(sd): ts for sd, ts in by_sd.items()})
     elif isinstance(ckpt, SafetensorsCheckpoint):
         container = OrderedDict(
             (k, repl[(ROOT, k)] if (ROOT, k) in repl else ckpt.mapped_tensor(k)) for k in ckpt.entries

@@ -73,18 +73,41 @@ def _safetensors_digests(path: Path, keys: set[str] | None) -> dict[Path_, _Dige
         os.close(fd)
 
 
-def _walk(obj: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
-    """Every tensor in a container of dicts, lists and tuples, with its path."""
+def _walk(obj: Any) -> Iterator[tuple[Path_, Any]]:
+    """Every tensor in a container of dicts, lists and tuples, with its path. Each container is walked once, under
+    the first path that reaches it depth-first (as :func:`~.formats.torch_pickle.iter_state_dicts` names state
+    dicts): a dict shared by two keys, or a crafted file of shared nested dicts, is not walked once per path."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _walk(v, (*path, k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _walk(v, (*path, i))
+    seen: set[int] = set()
+    stack: list[tuple[Path_, Any]] = [((), obj)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            yield path, node
+            continue
+        if isinstance(node, Mapping):
+            items: list[tuple[Any, Any]] = list(node.items())
+        elif isinstance(node, (list, tuple)):
+            items = list(enumerate(node))
+        else:
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(((*path, k), v) for k, v in reversed(items))
+
+
+def _at(obj: Any, path: Path_) -> Any:
+    """The tensor at ``path`` in a container of dicts, lists and tuples, or ``None``."""
+    import torch
+
+    for part in path:
+        try:
+            obj = obj[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return obj if isinstance(obj, torch.Tensor) else None
 
 
 def _tensor_digest(t: Any) -> _Digest:
@@ -98,7 +121,15 @@ def _tensor_digest(t: Any) -> _Digest:
 
 
 def _torch_digests(obj: Any, keep: set[Path_] | None = None) -> dict[Path_, _Digest]:
-    return {p: _tensor_digest(t) for p, t in _walk(obj) if keep is None or p in keep}
+    """Digests by path; a tensor met under several paths is hashed once."""
+    by_id: dict[int, _Digest] = {}
+    out = {}
+    for p, t in _walk(obj):
+        if keep is None or p in keep:
+            if id(t) not in by_id:
+                by_id[id(t)] = _tensor_digest(t)
+            out[p] = by_id[id(t)]
+    return out
 
 
 def _sd_path(name: str) -> Path_:
@@ -130,6 +161,9 @@ def verify_output(
     else:
         container = load_container(out, mmap=True)
         changed_paths = {(*_sd_path(sd), k) for sd, k in changed}
+        if isinstance(ckpt, TorchCheckpoint):  # a changed tensor under another path too (an aliased state dict)
+            resampled = {id(ckpt.tensor(sd, k)) for sd, k in changed}
+            changed_paths |= {p for p, t in _walk(ckpt.container) if id(t) in resampled}
         got = {p: d for p, d in _torch_digests(container).items() if p not in changed_paths}
         expect = {p: p for p in got}
         if isinstance(ckpt, TorchCheckpoint):
@@ -138,8 +172,13 @@ def verify_output(
             expect |= {(k,): (k,) for k in ckpt.state_dicts[ROOT] if (ROOT, k) not in changed}
     if isinstance(ckpt, SafetensorsCheckpoint):
         src = {p: d for p, d in _safetensors_digests(ckpt.path, None).items() if p in set(expect.values())}
-    elif isinstance(ckpt, TorchCheckpoint):
-        src = _torch_digests(ckpt.container, set(expect.values()))
+    elif isinstance(ckpt, TorchCheckpoint):  # by path, not by walking: an aliased dict is walked under one path only
+        by_id: dict[int, _Digest] = {}
+        src = {}
+        for p in set(expect.values()):
+            t = _at(ckpt.container, p)
+            if t is not None:
+                src[p] = by_id[id(t)] = by_id.get(id(t)) or _tensor_digest(t)
     else:  # any other reader (.npz): one flat state dict, read tensor by tensor
         src = {p: _tensor_digest(ckpt.tensor(ROOT, str(p[-1]))) for p in set(expect.values())}
     total = 0

@@ -9,27 +9,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import itertools
 import os
 import pickle
 import re
-import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..keymaps import TensorInfo
-from ._zip_index import TensorRef, data_offset, is_tensor_ref, read_zip_index
+from ._zip_index import TensorRef, check_legacy, check_zip, data_offset, is_tensor_ref, read_zip_index
 from .base import ROOT, Checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchCheckpoint", "iter_state_dicts", "load_container", "save_container"]
+__all__ = ["TorchCheckpoint", "iter_state_dicts", "load_container", "replace_tensors", "save_container"]
 
-_MAX_DEPTH = 4
+_MAX_DEPTH = 4  # levels of string-keyed dicts searched for state dicts
+_MAX_NODES = 5_000_000  # objects a container may hold (a ViT-g training checkpoint: ~10k)
+_MAX_NESTING = 100  # containers in containers (torch.save's pickler fails at ~450 here)
 
 
 def _safe_globals() -> list[Any]:
@@ -137,17 +140,176 @@ def _is_state_dict(node: Mapping[Any, Any], is_tensor: Callable[[Any], bool]) ->
 def iter_state_dicts(
     obj: Any, path: tuple[str, ...] = (), is_tensor: Callable[[Any], bool] = _is_torch_tensor
 ) -> Iterator[tuple[tuple[str, ...], MutableMapping[str, Any]]]:
-    """Every model-like dict in a container: string keys, tensor values, no nested dicts."""
-    if not isinstance(obj, Mapping):
+    """Every model-like dict in a container (string keys, tensor values, no nested dicts), searched through
+    string-keyed dicts up to ``_MAX_DEPTH`` levels down.
+
+    Each dict is yielded once, under the first path that reaches it depth-first: a dict reachable by several
+    paths (``{"model": sd, "model_ema": sd}``, which torch.save keeps shared) is one state dict, named
+    ``model``; :func:`replace_tensors` converts it under every path. A dict is searched at most once per
+    level it is reached at, so a crafted file of dicts sharing dicts (tiny, thanks to the pickle memo, but
+    with billions of paths) takes time in proportion to its size.
+    """
+    verdicts: dict[int, bool] = {}  # id -> is a state dict
+    searched: dict[int, int] = {}  # id -> the most levels left it was searched with
+    keep: list[Any] = []  # what the ids above belong to, alive until the walk ends
+
+    def walk(node: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], MutableMapping[str, Any]]]:
+        if not isinstance(node, Mapping):
+            return
+        if id(node) not in verdicts:
+            keep.append(node)
+            verdicts[id(node)] = _is_state_dict(node, is_tensor)
+            if verdicts[id(node)]:
+                yield path, node  # type: ignore[misc]
+        left = _MAX_DEPTH - len(path)
+        if verdicts[id(node)] or left <= searched.get(id(node), 0):
+            return
+        searched[id(node)] = left
+        for k, v in node.items():
+            if isinstance(k, str) and isinstance(v, Mapping):
+                yield from walk(v, (*path, k))
+
+    yield from walk(obj, path)
+
+
+def _values(x: Any) -> Iterable[Any]:
+    """What a container holds: a dict's keys, values and attributes (``_metadata``), a list's, tuple's or set's
+    items, a Namespace's attributes. Nothing for anything else (tensors, numbers, strings)."""
+    if isinstance(x, Mapping):
+        return itertools.chain(x.keys(), x.values(), getattr(x, "__dict__", {}).values())
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return x
+    if isinstance(x, argparse.Namespace):
+        return vars(x).values()
+    return ()
+
+
+def _is_container(x: Any) -> bool:
+    return isinstance(x, (Mapping, list, tuple, set, frozenset, argparse.Namespace))
+
+
+def _survey(root: Any, path: Path) -> None:
+    """Refuse a container that no walk should go through: over ``_MAX_NODES`` objects, or containers nested over
+    ``_MAX_NESTING`` deep (torch.save of it fails with RecursionError). Each object is walked once, by id, so a
+    crafted file of shared dicts takes time in proportion to its size; the walk keeps no Python recursion.
+
+    Raises:
+        CheckpointFormatError: one line.
+    """
+    deep = CheckpointFormatError(
+        f"{path}: its container nests containers over {_MAX_NESTING} levels deep, more than torch.save can "
+        f"write back (a crafted file?); load it where you trust it and save the state dict alone with torch.save"
+    )
+    if not _is_container(root):
         return
-    if _is_state_dict(obj, is_tensor):
-        yield path, obj  # type: ignore[misc]
-        return
-    if len(path) >= _MAX_DEPTH:
-        return
-    for k, v in obj.items():
-        if isinstance(k, str) and isinstance(v, Mapping):
-            yield from iter_state_dicts(v, (*path, k), is_tensor)
+    height: dict[int, int] = {}  # id -> levels of containers from it down, through its deepest path
+    active = {id(root)}  # the containers on the walk's path: reaching one again is a cycle, not deeper
+    stack: list[tuple[Any, Iterator[Any], list[int]]] = [(root, iter(_values(root)), [0])]
+    seen = 0
+    while stack:
+        node, values, below = stack[-1]
+        for child in values:
+            seen += 1
+            if seen > _MAX_NODES:
+                raise CheckpointFormatError(
+                    f"{path}: its container holds over {_MAX_NODES:,} objects, more than a checkpoint does (a "
+                    f"crafted file?); load it where you trust it and save the state dict alone with torch.save"
+                )
+            if not _is_container(child) or id(child) in active:
+                continue
+            if id(child) in height:
+                below[0] = max(below[0], height[id(child)])
+                continue
+            if len(stack) >= _MAX_NESTING:
+                raise deep
+            active.add(id(child))
+            stack.append((child, iter(_values(child)), [0]))
+            break
+        else:
+            stack.pop()
+            active.discard(id(node))
+            height[id(node)] = below[0] + 1
+            if height[id(node)] > _MAX_NESTING:
+                raise deep
+            if stack:
+                stack[-1][2][0] = max(stack[-1][2][0], height[id(node)])
+
+
+def replace_tensors(container: Any, replacements: Mapping[str | tuple[str, ...], Mapping[str, Any]]) -> Any:
+    """``container`` with the tensors of ``replacements`` put in, for :func:`save_container`; the input and
+    everything in it are left as they are.
+
+    ``replacements`` maps a state dict (its name in ``TorchCheckpoint.state_dicts``: ``"model"``,
+    ``"a/b"``, ``""`` for the container itself, or its path of keys as a tuple, for keys holding ``/``) to
+    ``{key: new tensor}``. A state dict is one object however many paths lead to it (torch.save keeps the
+    sharing of ``{"model": sd, "model_ema": sd}``, and ``state_dicts`` names it once), and it is converted as
+    one: every path to it, through dicts, lists, tuples and Namespaces, leads to the same new dict. Only the
+    containers on the way to a changed state dict are copied (shallow, keeping their type and attributes),
+    each once, so what was shared stays shared; everything else is the input's own objects.
+
+    Example:
+        >>> new = replace_tensors(ckpt.container, {"model": {"pos_embed": resized}})
+        >>> save_container(new, dst)
+
+    Raises:
+        KeyError: a name or path that leads nowhere in ``container``.
+        ValueError: one that leads to something else than a dict.
+    """
+    targets: dict[int, dict[str, Any]] = {}
+    for name, tensors in replacements.items():
+        node = container
+        for part in name if isinstance(name, tuple) else name.split("/") if name else ():
+            node = node[part]
+        if not isinstance(node, MutableMapping):
+            raise ValueError(f"{name!r} is not a dict of the container")
+        targets.setdefault(id(node), {}).update(tensors)
+    # Who holds whom, over the whole container, each object once: an alias may be anywhere in it.
+    nodes: dict[int, Any] = {id(container): container}
+    holders: dict[int, list[int]] = {}
+    todo = [container]
+    while todo:
+        node = todo.pop()
+        for child in _values(node):
+            if _is_container(child):
+                holders.setdefault(id(child), []).append(id(node))
+                if id(child) not in nodes:
+                    nodes[id(child)] = child
+                    todo.append(child)
+    dirty, ids = set(targets), list(targets)  # a changed state dict and everything that holds one
+    while ids:
+        for holder in holders.get(ids.pop(), ()):
+            if holder not in dirty:
+                dirty.add(holder)
+                ids.append(holder)
+    new = {i: copy.copy(nodes[i]) for i in dirty if not isinstance(nodes[i], tuple)}
+    for i in dirty:  # tuples, inner ones first (they cannot hold themselves but through a list or dict)
+        stack = [nodes[i]] if isinstance(nodes[i], tuple) else []
+        while stack:
+            t = stack[-1]
+            inner = [c for c in t if isinstance(c, tuple) and id(c) in dirty and id(c) not in new]
+            if inner:
+                stack.extend(inner)
+                continue
+            stack.pop()
+            if id(t) not in new:
+                items = [new.get(id(c), c) for c in t]
+                new[id(t)] = tuple(items) if type(t) is tuple else type(t)(items)
+    for i in dirty:
+        node, out = nodes[i], new[i]
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if id(v) in dirty:
+                    out[k] = new[id(v)]
+        elif isinstance(node, list):
+            for j, v in enumerate(node):
+                if id(v) in dirty:
+                    out[j] = new[id(v)]
+        for attr, v in (getattr(node, "__dict__", None) or {}).items():  # Namespaces, dict attributes
+            if id(v) in dirty:
+                setattr(out, attr, new[id(v)])
+    for i, tensors in targets.items():
+        new[i].update(tensors)
+    return new.get(id(container), container)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -166,18 +328,29 @@ def _infos(sd: Mapping[str, Any], is_tensor: Callable[[Any], bool]) -> dict[str,
 class TorchCheckpoint(Checkpoint):
     """A torch pickle. Zip files are indexed without torch (:mod:`._zip_index`) and memory-mapped by
     ``torch.load`` only when tensor data is needed; legacy pickles (and zip files the index does not model)
-    load with ``torch.load`` up front."""
+    load with ``torch.load`` up front, after :func:`check_zip` / :func:`check_legacy` refused what torch.load
+    must not be handed. A zip file whose storage sizes those checks cannot tell loads without ``mmap``.
+
+    A state dict reachable by several paths is named by the first (see :func:`iter_state_dicts`); a .pth
+    written with :func:`replace_tensors` converts it under all of them.
+    """
 
     def __init__(self, path: Path, *, zip_format: bool) -> None:
         self.path = path
         self.format = "torch-zip" if zip_format else "torch-legacy"
-        self.lazy = zip_format
         self.metadata = {}
         self._index = read_zip_index(path) if zip_format else None
         self._container: Any = None
+        mmap = zip_format
         if self._index is None:
-            self._container = load_container(path, mmap=zip_format)
+            if zip_format:
+                mmap = check_zip(path)
+            else:
+                check_legacy(path)
+            self._container = load_container(path, mmap=mmap)
+        self.lazy = mmap
         source, is_tensor = self._outline()
+        _survey(source, path)
         self._paths: dict[str, tuple[str, ...]] = {}
         self.state_dicts = {}
         for p, sd in iter_state_dicts(source, is_tensor=is_tensor):
@@ -215,6 +388,11 @@ class TorchCheckpoint(Checkpoint):
     def top_keys(self) -> list[str]:
         source, _ = self._outline()
         return [str(k) for k in source] if isinstance(source, Mapping) else []
+
+    def path_of(self, state_dict: str) -> tuple[str, ...]:
+        """The keys that lead to a state dict in the container (its name joins them with ``/``, which a key may
+        hold, so the name alone cannot be split back)."""
+        return self._paths[state_dict]
 
     def _node(self, root: Any, state_dict: str) -> Any:
         """The state dict ``state_dict`` inside a container (the index's or torch's: same nesting)."""
@@ -294,14 +472,18 @@ class TorchCheckpoint(Checkpoint):
         self._index = None
 
 
-def _member_offsets(path: Path) -> set[int] | None:
-    """File offsets of the data of every ``*/data/*`` member, or None if any is compressed."""
+def _member_sizes(path: Path) -> dict[int, int] | None:
+    """File offset -> size of the data of every ``*/data/*`` member; None if any is compressed, or if the file
+    is not little-endian (torch swaps the bytes of what it maps: the file's bytes are not the tensors')."""
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
         infos = [i for i in z.infolist() if "/data/" in i.filename]
         if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
             return None
+        for i in z.infolist():
+            if i.filename.lower().endswith("/byteorder") and (i.file_size != len(b"little") or z.read(i) != b"little"):
+                return None
         try:
-            return {data_offset(f, i) for i in infos}
+            return {data_offset(f, i): i.file_size for i in infos}
         except ValueError:
             return None
 
@@ -311,16 +493,18 @@ def _file_ranges(path: Path, container: Any) -> dict[int, tuple[int, int]]:
     import torch
 
     tensors = [v for _, sd in iter_state_dicts(container) for v in sd.values() if isinstance(v, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr() for t in tensors if t.untyped_storage().nbytes() > 0}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    storages = {p: n for p, n in storages.items() if n > 0}
     try:
-        members = _member_offsets(path)
-    except (OSError, zipfile.BadZipFile, ValueError, struct.error):
+        members = _member_sizes(path)
+    except Exception:  # zipfile raises many kinds on a crafted file: copy through the tensors instead
         return {}
-    if not storages or not members:
+    starts = [offset for offset, n in (members or {}).items() if n > 0]
+    if not storages or not members or not starts:
         return {}
-    base = min(storages) - min(members)
-    if any(p - base not in members for p in storages):
-        return {}  # not the layout this relies on: copy through the tensors instead
+    base = min(storages) - min(starts)
+    if any(members.get(p - base) != n for p, n in storages.items()):
+        return {}  # not the layout this relies on (each storage a whole member): copy through the tensors
     out = {}
     for t in tensors:
         nbytes = t.numel() * t.element_size()
