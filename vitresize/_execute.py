@@ -59,6 +59,36 @@ def _select(plan: Plan, ckpt: Checkpoint, dst_format: str, select: str | None) -
     return (chosen,), left
 
 
+def _check_output_size(plan: Plan, ckpt: Checkpoint, fmt: str, name: str, dst: Path) -> None:
+    """Refuse a ``.safetensors`` output that would be over :data:`~.plan.LARGE_RATIO` times its source (and over
+    :data:`~.plan.LARGE_FLOOR`), unless ``plan.allow_large``.
+
+    :func:`vitresize.plan` bounds the output from the planned changes. This is the part that depends on the
+    output: a ``.pth`` may hold a broadcast view (``torch.zeros(1).expand(20000, 20000)``) in a few bytes,
+    which ``torch.save`` keeps as small, but a ``.safetensors`` file stores every element.
+
+    Raises:
+        UsageError: the output would be over the budget.
+    """
+    from .plan import LARGE_FLOOR, LARGE_RATIO, format_bytes
+
+    if plan.allow_large or fmt != "safetensors":
+        return
+    new = {c.key: c.new_shape for c in plan.changes if c.state_dict == name}
+    sizes = {k: nbytes(new.get(k, info.shape), info.dtype) for k, info in ckpt.state_dicts[name].items()}
+    total, source = sum(sizes.values()), ckpt.path.stat().st_size
+    if total <= max(LARGE_RATIO * source, LARGE_FLOOR):
+        return
+    big = max(sizes, key=lambda k: sizes[k])
+    shape = list(new.get(big, ckpt.state_dicts[name][big].shape))
+    raise UsageError(
+        f"{dst.name} would hold {format_bytes(total)} of tensors, {total // max(source, 1)}x the source's "
+        f"{format_bytes(source)} ({big} {shape} alone is {format_bytes(sizes[big])}; a .safetensors file stores "
+        f"every element of a broadcast or shared tensor that a .pth keeps once); write a .pth, or pass "
+        f"--allow-large if you mean it"
+    )
+
+
 def _as_torch(ckpt: Checkpoint) -> TorchCheckpoint | None:
     from .formats.torch_pickle import TorchCheckpoint
 
@@ -395,6 +425,7 @@ def dry_run_report(plan: Plan, dst: Path, *, force: bool, select: str | None) ->
     assert plan.checkpoint is not None
     fmt = _destination(plan.checkpoint, dst, force)
     sds, left = ((ROOT,), []) if fmt == "folder" else _select(plan, plan.checkpoint, fmt, select)
+    _check_output_size(plan, plan.checkpoint, fmt, sds[0], dst)
     return _report(plan, dst, fmt, 0, sds, left, dry=True)
 
 
@@ -410,6 +441,20 @@ def _ticker(progress: Callable[[int, int], None], total: int) -> Progress:
             progress(done, max(total, done))
 
     return tick
+
+
+def _io_error(e: OSError, plan: Plan, dst: Path) -> CheckpointFormatError:
+    """An OS error while writing, as one line naming the file it happened on: DST's temp file, or a source file
+    read on the way (a shard, a copied file; where the OS says which)."""
+    name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else None
+    what = e.strerror or str(e)
+    try:
+        source = name is not None and Path(name).resolve().is_relative_to(plan.src.resolve())
+    except (OSError, RuntimeError, ValueError):  # a link loop, a name the OS refuses
+        source = False
+    if source:
+        return CheckpointFormatError(f"cannot read {name} while writing {dst}: {what}")
+    return CheckpointFormatError(f"cannot write {dst}: {what}")
 
 
 def execute(
@@ -431,6 +476,7 @@ def execute(
     if fmt == "folder":
         return _execute_folder(plan, ckpt, resampled, dst, force=force, verify=verify, fsync=fsync, progress=progress)
     sds, left = _select(plan, ckpt, fmt, select)
+    _check_output_size(plan, ckpt, fmt, sds[0], dst)
     verified = None
     tick = _ticker(progress, ckpt.path.stat().st_size) if progress else None
     try:
@@ -444,7 +490,7 @@ def execute(
             if verify:
                 verified = verify_output(ckpt, tmp, fmt, sds, set(resampled.changes))
     except OSError as e:
-        raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
+        raise _io_error(e, plan, dst) from None
     resampled()  # a no-op unless nothing was written from it (e.g. only another state dict changed)
     return _report(
         plan, dst, fmt, written, sds, left, warnings=resampled.warnings, verified=verified, engine=resampled.engine
@@ -473,7 +519,7 @@ def _execute_folder(
             plan, ckpt, resampled, dst, force=force, verify=verify, fsync=fsync, progress=tick
         )
     except OSError as e:
-        raise CheckpointFormatError(f"cannot write {dst}: {e.strerror or e}") from None
+        raise _io_error(e, plan, dst) from None
     resampled()
     left = [
         f"{name} (another copy of the weights; only {next(iter(ckpt.shards))} was converted)"

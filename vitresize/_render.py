@@ -273,7 +273,10 @@ def report(rep: Report, *, verbose: bool = False) -> None:
     if rep.dst_format == "folder" and not rep.dry_run:
         rows.append(("rewritten", ", ".join(rep.rewritten)))
         rows.append(
-            ("copied", f"{len(rep.copied)} files as they are" + (f": {', '.join(rep.copied)}" if verbose else ""))
+            (
+                "copied",
+                f"{len(rep.copied)} files and folders as they are" + (f": {', '.join(rep.copied)}" if verbose else ""),
+            )
         )
     if rep.verified is not None:
         v = rep.verified

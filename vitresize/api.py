@@ -28,7 +28,6 @@ from .plan import (
     Report,
     StateDictSummary,
     TensorChange,
-    check_output_size,
     format_bytes,
 )
 from .resample.conventions import PATCH_METHODS, RESAMPLED_DTYPES, Convention, resolve_conventions
@@ -643,7 +642,6 @@ def convert(
         if dry_run:
             from ._execute import dry_run_report
 
-            check_output_size(p, Path(dst), select=select)
             return dry_run_report(p, Path(dst), force=force, select=select)
         return p.execute(dst, force=force, select=select, verify=verify, fsync=fsync, progress=progress)
 

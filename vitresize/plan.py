@@ -222,11 +222,10 @@ class Plan:
         """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert`.
 
         Raises:
-            UsageError: a ``.safetensors`` output would be over the size budget (see :func:`check_output_size`).
+            UsageError: a ``.safetensors`` output would be over the size budget (see :func:`vitresize.plan`).
         """
         from ._execute import execute
 
-        check_output_size(self, Path(dst), select=select)
         return execute(self, Path(dst), force=force, select=select, verify=verify, fsync=fsync, progress=progress)
 
     def close(self) -> None:
@@ -269,40 +268,6 @@ class Plan:
             "passed_through": self.passed_through,
             "warnings": list(self.warnings),
         }
-
-
-def check_output_size(plan: Plan, dst: Path, *, select: str | None = None) -> None:
-    """Refuse a ``.safetensors`` output that would be over :data:`LARGE_RATIO` times its source (and over
-    :data:`LARGE_FLOOR`), unless ``plan.allow_large``.
-
-    :func:`vitresize.plan` bounds the output from the planned changes. This is the part that depends on the
-    output: a ``.pth`` may hold a broadcast view (``torch.zeros(1).expand(20000, 20000)``) in a few bytes,
-    which ``torch.save`` keeps as small, but a ``.safetensors`` file stores every element.
-
-    Raises:
-        UsageError: the output would be over the budget.
-    """
-    ckpt = plan.checkpoint
-    if plan.allow_large or ckpt is None or dst.suffix.lower() != ".safetensors" or ckpt.path.is_dir():
-        return
-    from ._execute import _select
-    from .errors import UsageError
-    from .formats._dtypes import nbytes
-
-    (name,), _ = _select(plan, ckpt, "safetensors", select)
-    new = {c.key: c.new_shape for c in plan.changes if c.state_dict == name}
-    sizes = {k: nbytes(new.get(k, info.shape), info.dtype) for k, info in ckpt.state_dicts[name].items()}
-    total, source = sum(sizes.values()), ckpt.path.stat().st_size
-    if total <= max(LARGE_RATIO * source, LARGE_FLOOR):
-        return
-    big = max(sizes, key=lambda k: sizes[k])
-    shape = list(new.get(big, ckpt.state_dicts[name][big].shape))
-    raise UsageError(
-        f"{dst.name} would hold {format_bytes(total)} of tensors, {total // max(source, 1)}x the source's "
-        f"{format_bytes(source)} ({big} {shape} alone is {format_bytes(sizes[big])}; a .safetensors file stores "
-        f"every element of a broadcast or shared tensor that a .pth keeps once); write a .pth, or pass "
-        f"--allow-large if you mean it"
-    )
 
 
 @dataclass(frozen=True)
