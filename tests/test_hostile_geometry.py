@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -399,3 +400,44 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPat
         resample_pos_embed(
             torch.zeros(1, 17, 16), old_grid=(4, 4), new_grid=(6, 6), num_prefix_tokens=1, convention=METHODS["timm"]
         )
+
+
+# --- empty tables and kernels; float8 in a .pth ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [("pos_embed", (1, 17, 0)), ("patch_embed.proj.weight", (16, 3, 0, 0)), ("patch_embed.proj.weight", (0, 3, 8, 8))],
+)
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_zero_size_table_or_kernel_is_one_line(
+    run: Any, tmp_path: Path, key: str, shape: tuple[int, ...], suffix: str
+) -> None:
+    """A 0x0 kernel or a zero-width table was a ZeroDivisionError / interpolate traceback: it holds no weights."""
+    sd = {k: v.clone() for k, v in load_any(fixture("timm_vit_cls.safetensors")).items()}
+    sd[key] = torch.zeros(shape)
+    src = tmp_path / f"empty{suffix}"
+    if suffix == ".pth":
+        torch.save(sd, src)
+    else:
+        save_file(sd, str(src))
+    res = run("inspect", src)
+    assert res.exit_code == 0 and "no ViT position embedding" in res.stderr, res.stderr
+    res = run("convert", src, tmp_path / "o.safetensors", "--img-size", "48")
+    assert res.exit_code == 1 and "zero-size" in _one_error_line(res)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz])
+def test_float8_table_in_a_pth_is_inspected_and_refused_in_one_line(
+    run: Any, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """torch.isfinite has no float8 kernel for some of them: inspect counted NaN/Inf with it (a traceback)."""
+    sd = {k: v.clone() for k, v in load_any(fixture("timm_vit_cls.safetensors")).items()}
+    sd["pos_embed"] = sd["pos_embed"].to(dtype)
+    src = tmp_path / "f8.pth"
+    torch.save({"model": sd, "best": np.float64(1)}, src)  # a NumPy scalar: not indexed, torch.load reads it
+    res = run("inspect", src, "--json")
+    assert res.exit_code == 0, res.stderr
+    res = run("convert", src, tmp_path / "o.pth", "--img-size", "48")
+    assert res.exit_code == 1 and "float8" in _one_error_line(res)
