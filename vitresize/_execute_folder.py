@@ -2,8 +2,11 @@
 new geometry); the rest is copied.
 
 What is copied is what :func:`~vitresize.formats.folder.scan_folder` let through: regular files (a link
-inside the folder comes out as a copy of its file), in the folder and its subfolders. Every file and folder
-of the output keeps its source's permission bits, never wider (``& ~umask``).
+inside the folder comes out as a copy of its file, a link to a hub cache blob too), in the folder and its
+subfolders. Every file and folder of the output keeps its source's permission bits, never wider
+(``& ~umask``): a file's as it is written, the folders' last (:func:`~vitresize.formats.atomic.atomic_folder`
+applies them after the files are written and flushed, so a read-only folder never stands in the way of
+writing or cleaning up).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def write_folder(
     rewritten, copied = [], []
     checked = [0, 0]
     total = 0
-    with atomic_folder(dst, force=force, fsync=fsync, mode=ckpt.path.stat().st_mode) as tmp:
+    mode, folder_modes = ckpt.path.stat().st_mode, ckpt.scan.folders
+    with atomic_folder(dst, force=force, fsync=fsync, mode=mode, folder_modes=folder_modes) as tmp:
         for name in ckpt.folders:
             (tmp / name).mkdir()
         for name, source in ckpt.files.items():
@@ -99,8 +103,7 @@ def write_folder(
             out.chmod(permissions(ckpt.index_path.stat().st_mode, 0o666))
             total += len(raw)
             rewritten.append(ckpt.index_path.name)
-        for name in reversed(ckpt.folders):  # children first: a read-only folder is filled before it is closed
-            (tmp / name).chmod(permissions((ckpt.path / name).stat().st_mode, 0o777))
+        for name in ckpt.folders:  # their modes: atomic_folder, once all is written
             if "/" not in name and f"{name}/" not in copied:  # an empty one
                 copied.append(f"{name}/")
     copied.sort(key=lambda n: n.rstrip("/"))

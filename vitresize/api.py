@@ -288,11 +288,13 @@ def _list(size: Size | None) -> list[int] | None:
     return None if size is None else [size[0], size[1]]
 
 
-def _size_of(path: Path) -> int:
-    """Bytes of a file, or of the files of a folder."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+def _size_of(ckpt: Checkpoint) -> int:
+    """Bytes of a file, or of the files of a model folder (as its scan found them: links counted as their files)."""
+    from .formats.folder import ShardedCheckpoint
+
+    if isinstance(ckpt, ShardedCheckpoint):
+        return ckpt.size_bytes
+    return ckpt.path.stat().st_size
 
 
 def _position_ids(f: Found, tensors: dict[str, TensorInfo]) -> str | None:
@@ -528,7 +530,7 @@ def plan(
             _check_budget(
                 models,
                 changes,
-                _size_of(Path(src)),
+                _size_of(ckpt),
                 _target_text(target_img, target_patch, target_grid),
                 pos_conv,
                 patch_method,
@@ -692,7 +694,7 @@ def inspect(
         return Inspection(
             path=Path(src),
             format=ckpt.format,
-            size_bytes=_size_of(Path(src)),
+            size_bytes=_size_of(ckpt),
             config=config,
             metadata=dict(ckpt.metadata),
             state_dicts=tuple(summaries),

@@ -7,11 +7,20 @@ is planned from its headers. Write: a folder out, built in a temp folder beside 
 only the shards that hold a changed tensor are rewritten (streamed like a single file), every other file
 is copied as it is, and the index gets the new total size.
 
-A folder from the internet is not trusted: :func:`scan_folder` lists its regular files, subfolders included,
-and refuses a FIFO, a socket or a device anywhere in it, and any link that leads out of it (or to nothing, or
-to a folder). A link that stays inside is read (and copied) as the file it points to. The one place links may
-lead is a Hugging Face hub cache snapshot (``models--ORG--NAME/snapshots/REV/``, whose files are links to
-``../../blobs/SHA``): links into that repository's own ``blobs/`` folder.
+A folder from the internet is not trusted: :func:`scan_folder` lists its regular files, subfolders included
+(walked with an explicit stack, at most :data:`MAX_FOLDER_DEPTH` levels deep), and refuses a FIFO, a socket or
+a device anywhere in it, and any link that leads out of it (or to nothing, or to a folder). A link that stays
+inside is read (and copied) as the file it points to. Links may leave the folder for the Hugging Face hub cache
+only:
+
+- in a hub cache snapshot (``models--ORG--NAME/snapshots/REV/``, whose files are links to ``../../blobs/SHA``),
+  links into that repository's own ``blobs/`` folder;
+- anywhere, a link whose fully resolved target is a regular file directly inside a ``blobs/`` folder of a
+  ``models--*`` folder (``.../models--ORG--NAME/blobs/SHA``), as older ``huggingface_hub`` releases leave in a
+  ``snapshot_download(local_dir=..., local_dir_use_symlinks=True)`` folder, and as users link by hand.
+  Only model repositories' blobs (not ``datasets--*`` or ``spaces--*``).
+
+Such a link is read, and copied, as a regular file with the blob's permission bits, never wider.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import os
 import shutil
 import stat
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,11 +43,14 @@ from .base import ROOT, Checkpoint
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ShardedCheckpoint", "copy_regular", "find_index", "scan_folder"]
+__all__ = ["MAX_FOLDER_DEPTH", "FolderScan", "ShardedCheckpoint", "copy_regular", "find_index", "scan", "scan_folder"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 INDEX_SUFFIXES = (INDEX_SUFFIX, ".bin.index.json")  # safetensors shards; torch shards (pytorch_model-*.bin)
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+MAX_FOLDER_DEPTH = 64
+"""A model folder's subfolders may nest this many levels deep (``a/b/.../z``, 64 names); a deeper one is refused
+(hub repositories nest a few levels at most)."""
 
 
 def _link_roots(folder: Path) -> tuple[Path, ...]:
@@ -48,53 +62,102 @@ def _link_roots(folder: Path) -> tuple[Path, ...]:
     return (real,)
 
 
+def _is_hub_blob(real: Path) -> bool:
+    """Whether a fully resolved path names a file directly in a hub cache model repository's ``blobs/``."""
+    return real.parent.name == "blobs" and real.parent.parent.name.startswith("models--")
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_folder` found in a model folder."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    """Every regular file by relative path (``sub/name``), with the real path to read (a link resolved)."""
+    sizes: dict[str, int] = field(default_factory=dict)
+    """The bytes of each file, by the same relative path (a link: its target's)."""
+    folders: dict[str, int] = field(default_factory=dict)
+    """Every subfolder by relative path (parents first), with its ``st_mode``."""
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes of all files of the folder."""
+        return sum(self.sizes.values())
+
+
+def _entries(path: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot read the folder {path}: {e.strerror or e}") from None
+    return iter(entries)
+
+
+def scan(folder: Path) -> FolderScan:
+    """The regular files of a model folder, subfolders included, and its subfolders; see :func:`scan_folder`.
+
+    Raises:
+        CheckpointFormatError: a FIFO, socket or device anywhere in the folder, a link that leads out of it
+            (other than to a hub cache blob), to nothing, or to a folder; subfolders nested deeper than
+            :data:`MAX_FOLDER_DEPTH`.
+    """
+    roots = _link_roots(folder)
+    found = FolderScan()
+    fix = "remove it or replace it with the file"
+    # Depth first, each folder's entries sorted, as a recursive walk would go (parents before their files),
+    # but with an explicit stack: a folder nested thousands deep is one error line, not a RecursionError.
+    stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", _entries(folder))]
+    while stack:
+        rel, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        item, name = Path(entry.path), rel + entry.name
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as e:
+            raise CheckpointFormatError(f"cannot read {item}: {e.strerror or e}") from None
+        if stat.S_ISLNK(st.st_mode):
+            real = Path(os.path.realpath(item))
+            if not any(root in real.parents for root in roots) and not _is_hub_blob(real):
+                raise CheckpointFormatError(f"{item} is a link to {real}, outside the model folder {folder}; {fix}")
+            try:
+                st = real.stat()
+            except OSError:
+                raise CheckpointFormatError(f"{item} is a link to {real}, which does not exist; {fix}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointFormatError(f"{item} is a link to {describe_kind(st.st_mode)}; {fix}")
+            found.files[name], found.sizes[name] = real, st.st_size
+        elif stat.S_ISDIR(st.st_mode):
+            if len(stack) > MAX_FOLDER_DEPTH:  # len(stack) is this subfolder's depth
+                top = name.split("/", 1)[0]
+                raise CheckpointFormatError(
+                    f"{folder / top} holds folders nested more than {MAX_FOLDER_DEPTH} levels deep, which no model "
+                    f"folder does; remove it (or convert the weights file on its own)"
+                )
+            found.folders[name] = st.st_mode
+            stack.append((name + "/", _entries(item)))
+        elif stat.S_ISREG(st.st_mode):
+            found.files[name], found.sizes[name] = item, st.st_size
+        else:
+            raise CheckpointFormatError(
+                f"{item} is {describe_kind(st.st_mode)}, not a file a model folder holds; remove it"
+            )
+    return found
+
+
 def scan_folder(folder: Path) -> tuple[dict[str, Path], list[str]]:
     """The regular files of a model folder by relative path (``sub/name``), each with the real path to read,
     and its subfolders (parents first).
 
     Raises:
-        CheckpointFormatError: a FIFO, socket or device anywhere in the folder, or a link that leads out of it
-            (other than a hub snapshot's links to its blobs), to nothing, or to a folder.
+        CheckpointFormatError: a FIFO, socket or device anywhere in the folder, a link that leads out of it
+            (other than to a hub cache blob), to nothing, or to a folder; subfolders nested deeper than
+            :data:`MAX_FOLDER_DEPTH`.
     """
-    roots = _link_roots(folder)
-    files: dict[str, Path] = {}
-    folders: list[str] = []
-    fix = "remove it or replace it with the file"
-
-    def walk(path: Path, rel: str) -> None:
-        try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except OSError as e:
-            raise CheckpointFormatError(f"cannot read the folder {path}: {e.strerror or e}") from None
-        for entry in entries:
-            item, name = Path(entry.path), rel + entry.name
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                raise CheckpointFormatError(f"cannot read {item}: {e.strerror or e}") from None
-            if stat.S_ISLNK(st.st_mode):
-                real = Path(os.path.realpath(item))
-                if not any(root in real.parents for root in roots):
-                    raise CheckpointFormatError(f"{item} is a link to {real}, outside the model folder {folder}; {fix}")
-                try:
-                    st = real.stat()
-                except OSError:
-                    raise CheckpointFormatError(f"{item} is a link to {real}, which does not exist; {fix}") from None
-                if not stat.S_ISREG(st.st_mode):
-                    raise CheckpointFormatError(f"{item} is a link to {describe_kind(st.st_mode)}; {fix}")
-                files[name] = real
-            elif stat.S_ISDIR(st.st_mode):
-                folders.append(name)
-                walk(item, name + "/")
-            elif stat.S_ISREG(st.st_mode):
-                files[name] = item
-            else:
-                raise CheckpointFormatError(
-                    f"{item} is {describe_kind(st.st_mode)}, not a file a model folder holds; remove it"
-                )
-
-    walk(folder, "")
-    return files, folders
+    found = scan(folder)
+    return found.files, list(found.folders)
 
 
 def copy_regular(src: Path, dst: Path, *, mode: int) -> int:
@@ -159,8 +222,12 @@ class ShardedCheckpoint(Checkpoint):
     def __init__(self, folder: Path) -> None:
         self.path = folder
         self.lazy = True
-        self.files, self.folders = scan_folder(folder)
-        """Every regular file of the folder by relative path, with the real path to read; its subfolders."""
+        self.scan = scan(folder)
+        """What the folder holds: its files (with their sizes) and subfolders (with their modes)."""
+        self.files = self.scan.files
+        """Every regular file of the folder by relative path, with the real path to read."""
+        self.folders = list(self.scan.folders)
+        """Its subfolders by relative path, parents first."""
         self.index_path = find_index(folder)
         self.index: dict[str, Any] = {}
         self.duplicates: list[str] = []  # other weights files, left out of a folder output
@@ -206,6 +273,11 @@ class ShardedCheckpoint(Checkpoint):
         self.state_dicts = {ROOT: infos}
         self.metadata = {}
         self.extras = []
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes of all files of the folder (a link counted as its target), as scanned."""
+        return self.scan.size_bytes
 
     def _read_index(self, path: Path) -> dict[str, str]:
         try:
