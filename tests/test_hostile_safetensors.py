@@ -2,8 +2,10 @@
 
 The oracle is the library itself: a file is valid when ``safe_open(path, "pt")`` opens it and every tensor reads.
 ``read_header`` must accept exactly those files, refusing the others with one-line ``CheckpointFormatError`` s,
-and ``vitresize inspect`` must end in one ``Error:`` line, never a traceback. The one deliberate difference:
-vitresize refuses F4 (packed 4-bit floats, two to a byte), which the library reads as ``float4_e2m1fn_x2``.
+and ``vitresize inspect`` must end in one ``Error:`` line, never a traceback. Two deliberate differences:
+vitresize refuses F4 (packed 4-bit floats, two to a byte), which the library reads as ``float4_e2m1fn_x2``, and
+headers over its budgets of JSON arrays and objects (``MAX_HEADER_CONTAINERS``) and of separators
+(``MAX_HEADER_SEPARATORS``), which bound the memory and time of parsing a header of up to 100 MB.
 
 Also: big-endian ``.npz`` arrays (NumPy writes what it is given) are read in native byte order.
 """
@@ -26,8 +28,9 @@ from typer.testing import CliRunner
 
 from vitresize.cli import app
 from vitresize.errors import CheckpointFormatError
+from vitresize.formats import safetensors as st
 from vitresize.formats._dtypes import ST_BITS
-from vitresize.formats.safetensors import read_header
+from vitresize.formats.safetensors import MAX_HEADER_CONTAINERS, MAX_HEADER_SEPARATORS, read_header
 
 # --- building headers, duplicates and raw literals included --------------------------------------------
 
@@ -85,6 +88,8 @@ def assert_agree(path: Path, what: str = "") -> None:
     lib, refusal = library_reads(path), vitresize_refusal(path)
     if lib and refusal is not None and "has dtype F4 " in refusal:
         return  # deliberate: vitresize does not read packed 4-bit floats
+    if lib and refusal is not None and "deliberate budget" in refusal:
+        return  # deliberate: headers over vitresize's budgets (see test_header_budgets_are_deliberate_refusals)
     assert (refusal is None) == lib, f"{what}: safetensors {'reads' if lib else 'refuses'} it, vitresize: {refusal}"
 
 
@@ -253,6 +258,64 @@ def test_deep_nesting_is_one_line_not_a_recursion_error(tmp_path: Path) -> None:
     quoted = '{"t":' + value + "}"
     path = st_file(tmp_path / "q.safetensors", quoted.encode(), D8)
     assert library_reads(path) and vitresize_refusal(path) is None
+
+
+def _junk_header(junk: str) -> bytes:
+    return ('{"pos_embed":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"junk":' + junk + "}}").encode()
+
+
+def _counts(raw: bytes) -> tuple[int, int]:
+    """What the budgets count: '[' and '{', ',' and ':'."""
+    return raw.count(b"[") + raw.count(b"{"), raw.count(b",") + raw.count(b":")
+
+
+def test_header_budgets_are_deliberate_refusals(tmp_path: Path) -> None:
+    """A valid header of 20 MB of empty arrays in an ignored field took 12.6 s and 1 GiB to parse (at the 100 MB
+    limit ~60 s and 5 GiB); the library reads it, vitresize refuses it unparsed, as it does any header over its
+    budgets of '[' and '{' or of ',' and ':'."""
+    frame_containers, frame_separators = _counts(_junk_header("0"))  # 4 and 9
+    for name, junk, needle, counts in (
+        ("20MB-of-[]", "[" + ",".join(["[]"] * 6_666_000) + "]", "'[' and '{'", None),
+        (
+            "containers+1",
+            "[" + ",".join(["[]"] * (MAX_HEADER_CONTAINERS - frame_containers)) + "]",
+            "'[' and '{'",
+            (MAX_HEADER_CONTAINERS + 1, None),
+        ),
+        (
+            "separators+1",
+            "[" + ",".join(["0"] * (MAX_HEADER_SEPARATORS - frame_separators + 2)) + "]",
+            "',' and ':'",
+            (None, MAX_HEADER_SEPARATORS + 1),
+        ),
+        ("members", "{" + ",".join(['"":0'] * (MAX_HEADER_SEPARATORS // 2)) + "}", "',' and ':'", None),
+    ):
+        raw = _junk_header(junk)
+        if counts is not None:
+            assert all(want in (None, got) for want, got in zip(counts, _counts(raw), strict=True)), name
+        path = st_file(tmp_path / f"{name}.safetensors", raw, D8)
+        assert library_reads(path), name
+        refusal = vitresize_refusal(path)
+        assert refusal is not None and "deliberate budget" in refusal and needle in refusal, (name, refusal)
+        res = CliRunner().invoke(app, ["inspect", str(path)])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 1 and len(lines) == 1 and "deliberate budget" in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("budget", ["containers", "separators"])
+def test_header_budgets_are_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: str) -> None:
+    """At the budget a header reads; one more '[' or ',' (inside a string too: the count is an upper bound) and it
+    is refused. Budgets made small here, so as to be quick."""
+    monkeypatch.setattr(st, f"MAX_HEADER_{budget.upper()}", 1000)
+    which = 0 if budget == "containers" else 1
+    frame = _counts(_junk_header("[]"))[which]
+    items = ["[]"] * (1000 - frame) if budget == "containers" else ["0"] * (1000 - frame + 1)
+    raw = _junk_header("[" + ",".join(items) + "]")
+    assert _counts(raw)[which] == 1000
+    assert vitresize_refusal(st_file(tmp_path / "at.safetensors", raw, D8)) is None
+    more = raw.replace(b'"F32"', b'"F32","name":"[,"')
+    refusal = vitresize_refusal(st_file(tmp_path / "over.safetensors", more, D8))
+    assert refusal is not None and "deliberate budget of 1000" in refusal, refusal
 
 
 # --- a seeded random set of header mutations ------------------------------------------------------------

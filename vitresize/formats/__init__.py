@@ -4,15 +4,14 @@ One module per format: ``safetensors``, ``torch_pickle``. Only this package touc
 
 Inputs are read as regular files only: a FIFO, a device or a socket is refused before it is opened (and a
 file swapped for one is opened ``O_NONBLOCK`` and refused by ``fstat``), so reading never blocks. JSON files
-(``config.json``, shard indexes) are refused unparsed above :data:`MAX_JSON_BYTES` or nested deeper than
-:data:`MAX_JSON_DEPTH`.
+(``config.json``, shard indexes) are refused unread above :data:`MAX_JSON_BYTES`, and once parsed if nested
+deeper than :data:`MAX_JSON_DEPTH` or holding a number that is not finite.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import re
 import stat
 import struct
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
+from ._json import loads, too_deep
 from .base import ROOT, Checkpoint
 
 __all__ = [
@@ -108,30 +108,30 @@ def open_regular(path: Path, *, follow: bool = True, fix: str = "pass a checkpoi
     raise CheckpointFormatError(f"{path} is {describe_kind(st.st_mode)}, not a regular file; {fix}")
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_OPEN_CLOSE = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+class _NotFinite(ValueError):
+    """A number ``json`` would read as NaN or infinite (a ``NaN``/``Infinity`` literal, or ``1e999``)."""
 
 
-def _too_deep(raw: bytes) -> bool:
-    """Whether JSON text nests arrays and objects deeper than :data:`MAX_JSON_DEPTH`, without parsing it: with
-    strings taken out, each pass deletes the innermost ``[]`` pairs; a pair left after that many passes is
-    deeper."""
-    brackets = _JSON_STRING.sub(b"", raw).translate(_OPEN_CLOSE, _NOT_BRACKETS)
-    for _ in range(MAX_JSON_DEPTH):
-        inner = brackets.replace(b"[]", b"")
-        if len(inner) == len(brackets):
-            return False
-        brackets = inner
-    return b"[]" in brackets
+def _no_constant(literal: str) -> float:
+    raise _NotFinite(literal)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if math.isfinite(value):
+        return value
+    raise _NotFinite(literal)
 
 
 def read_json(path: Path, what: str) -> Any:
     """Parse a small JSON file (``what`` names it in errors), read as :func:`open_regular` does, within
-    :data:`MAX_JSON_BYTES` and :data:`MAX_JSON_DEPTH`.
+    :data:`MAX_JSON_BYTES` (checked before reading) and :data:`MAX_JSON_DEPTH` (measured on the parsed value,
+    without recursion), its numbers finite (``json`` reads ``NaN``, ``Infinity`` and ``1e999``, which no JSON
+    writer can write back).
 
     Raises:
-        CheckpointFormatError: not a regular file, unreadable, too big or too deeply nested.
+        CheckpointFormatError: not a regular file, unreadable, too big, too deeply nested, or a number that is
+            not finite.
         ValueError: not valid JSON (the caller says what it should have been).
     """
     with open_regular(path, fix="replace it with the file or remove it") as f:
@@ -142,16 +142,20 @@ def read_json(path: Path, what: str) -> Any:
             f"{path} is {max(size, len(raw))} bytes, over the {MAX_JSON_BYTES >> 20} MiB a {what} may have; "
             f"check that it is the right file"
         )
-    if _too_deep(raw):
-        raise CheckpointFormatError(
-            f"{path} nests deeper than {MAX_JSON_DEPTH} levels, which no {what} does; fix or remove it"
-        )
+    deep = f"{path} nests deeper than {MAX_JSON_DEPTH} levels, which no {what} does; fix or remove it"
     try:
-        return json.loads(raw)
-    except RecursionError:  # unbalanced brackets: a run of openers the pass above leaves alone
+        data = loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:  # json recurses: about a thousand levels end it, balanced or not
+        raise CheckpointFormatError(deep) from None
+    except _NotFinite as e:
+        literal = str(e) if len(str(e)) <= 24 else str(e)[:20] + "..."
         raise CheckpointFormatError(
-            f"{path} nests deeper than {MAX_JSON_DEPTH} levels, which no {what} does; fix or remove it"
+            f"{path} holds the number {literal}, which is not finite (JSON has no NaN or infinity); "
+            f"replace it with a finite number or remove it"
         ) from None
+    if too_deep(data, MAX_JSON_DEPTH):
+        raise CheckpointFormatError(deep)
+    return data
 
 
 def _zip_kind(path: Path) -> str:

@@ -21,14 +21,16 @@ import sys
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError
 from ..keymaps import TensorInfo
+from . import open_regular
 from ._dtypes import ST_BITS, ST_DTYPES, TORCH_TO_ST, count_nonfinite
+from ._json import Pairs, layers, loads, of_type, strings, too_deep
 from .base import ROOT, Checkpoint
 
 if TYPE_CHECKING:
@@ -39,6 +41,18 @@ if TYPE_CHECKING:
 __all__ = ["SafetensorsCheckpoint", "Segment", "read_header", "write_safetensors"]
 
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces (HeaderTooLarge)
+# vitresize's own budgets for a header, below what safetensors reads (a deliberate difference): counted on the raw
+# bytes before parsing, brackets and separators inside strings included (an upper bound). Parsed, an array or an
+# object member costs 20-30 times its bytes: unbudgeted, a 100 MB header of `[],` took 33 s and 2.8 GiB here, one of
+# `"":0,` 11 s and 1.8 GiB. Within both budgets the worst 100 MB headers tried (a million arrays or objects, eight
+# million strings, numbers or members, four million distinct keys, -0 and surrogate escapes forcing the slow checks)
+# took 1.2-9.8 s and 0.27-0.93 GiB (peak RSS of the whole process) on a 2-core VM.
+MAX_HEADER_CONTAINERS = 1_000_000
+"""The most ``[`` and ``{`` (JSON arrays and objects) a header may hold: a real one has 3 per tensor (the entry, its
+shape, its offsets), 300,000 for 100,000 tensors."""
+MAX_HEADER_SEPARATORS = 8_000_000
+"""The most ``,`` and ``:`` (which bound the numbers, strings and object members) a header may hold: a real one has
+about 12 per tensor, 1,200,000 for 100,000 tensors."""
 _COPY_CHUNK = 16 * 1024 * 1024  # buffered fallback
 # copy_file_range: ask for as much as the kernel takes in one call (MAX_RW_COUNT), as cp does. Measured on
 # this project's VM (ext4, 4 GB, medians of 5, page cache synced before each run): calls of 8 MiB to 1 GiB
@@ -58,22 +72,25 @@ class _Entry:
 
 
 def read_header(path: Path) -> tuple[int, dict[str, _Entry], dict[str, str]]:
-    """Read and validate a safetensors header: a file passes exactly when ``safetensors.safe_open`` reads it.
+    """Read and validate a safetensors header: a file passes exactly when ``safetensors.safe_open`` reads it, but for
+    two deliberate refusals: packed sub-byte floats, and headers over :data:`MAX_HEADER_CONTAINERS` or
+    :data:`MAX_HEADER_SEPARATORS`.
 
     The checks are those of the safetensors library (0.8) and of serde_json, which parses its headers: each
     tensor's dtype, shape and offsets typed exactly (dimensions and offsets are JSON integers from 0 to 2**64 - 1),
     the tensors laid end to end from the start of the data section to the end of the file, and each one's size
-    agreeing with its shape and dtype.
+    agreeing with its shape and dtype. The file is opened as :func:`~vitresize.formats.open_regular` does.
 
     Returns:
         ``(data_start, entries, metadata)``, offsets in ``entries`` absolute in the file.
 
     Raises:
-        CheckpointFormatError: the file is not one safetensors reads, or it holds packed sub-byte floats
-            (F4, F6_E2M3, F6_E3M2), which vitresize does not read.
+        CheckpointFormatError: the file is missing, not a regular file, or not one safetensors reads; it holds
+            packed sub-byte floats (F4, F6_E2M3, F6_E3M2), which vitresize does not read; or its header is over
+            vitresize's budgets.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a file swapped for a FIFO since it was sniffed is refused, not waited on
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointFormatError(f"{path} is not a valid safetensors file: shorter than its 8-byte header")
@@ -89,6 +106,8 @@ def read_header(path: Path) -> tuple[int, dict[str, _Entry], dict[str, str]]:
                 f"(truncated download?)"
             )
         raw = f.read(n)
+    if len(raw) < n:
+        raise CheckpointFormatError(f"{path} is not a valid safetensors file: it ended inside its header (truncated?)")
     header = _parse_json(path, raw)
     if not isinstance(header, _Object):
         raise CheckpointFormatError(f"{path} is not a valid safetensors file: header is not a JSON object")
@@ -206,11 +225,8 @@ def _check_layout(path: Path, specs: dict[str, _Entry], data_len: int) -> None:
 # --- the header's JSON, read as serde_json reads it ------------------------------------------------------
 
 
-class _Object(list[tuple[str, Any]]):
-    """A JSON object as its ``(key, value)`` pairs, repeated keys kept: serde refuses some, takes the last of others."""
-
-    def __repr__(self) -> str:
-        return "{...}"
+_Object = Pairs
+"""A JSON object as its ``(key, value)`` pairs, repeated keys kept: serde refuses some, takes the last of others."""
 
 
 _U64 = 2**64 - 1
@@ -233,7 +249,18 @@ def _parse_json(path: Path, raw: bytes) -> Any:
     """The header's JSON as serde_json (safetensors' parser) takes it: strict UTF-8, numbers typed as serde types
     them (no NaN/Infinity, no infinite f64), no unpaired surrogate escapes. Objects come back as :class:`_Object`,
     so repeated keys are seen; nesting deeper than ``json`` can recurse is refused here, the depth of the values
-    serde would take (127 levels) is checked by :func:`_validate_entry`."""
+    serde would take (127 levels) is checked by :func:`_validate_entry`. Before any of it, the budgets
+    :data:`MAX_HEADER_CONTAINERS` and :data:`MAX_HEADER_SEPARATORS`, counted on the bytes."""
+    for count, limit, what, per_tensor in (
+        (raw.count(b"[") + raw.count(b"{"), MAX_HEADER_CONTAINERS, "'[' and '{' (arrays and objects)", 3),
+        (raw.count(b",") + raw.count(b":"), MAX_HEADER_SEPARATORS, "',' and ':' (values)", 12),
+    ):
+        if count > limit:
+            raise CheckpointFormatError(
+                f"{path}: its header holds {count} {what}, over vitresize's deliberate budget of {limit} (a real "
+                f"header has about {per_tensor} per tensor), which bounds the memory and time of reading it, though "
+                f"safetensors may read it; re-save it with safetensors, without extra header fields"
+            )
     try:
         text = raw.decode()
     except UnicodeDecodeError as e:
@@ -242,7 +269,7 @@ def _parse_json(path: Path, raw: bytes) -> Any:
         ) from None
     parse_int = _json_int if _NEGATIVE_ZERO.search(text) else int  # the hook costs a call per integer
     try:
-        header = json.loads(
+        header = loads(
             text, object_pairs_hook=_Object, parse_int=parse_int, parse_float=_json_float, parse_constant=_no_constant
         )
     except RecursionError:
@@ -252,7 +279,7 @@ def _parse_json(path: Path, raw: bytes) -> Any:
         ) from None
     except ValueError as e:
         raise CheckpointFormatError(f"{path} is not a valid safetensors file: header is not JSON ({e})") from None
-    if _MAYBE_SURROGATE.search(text) and any(_SURROGATE.search(s) for s in _strings(header)):
+    if _MAYBE_SURROGATE.search(text) and any(map(_SURROGATE.search, strings(header))):
         raise CheckpointFormatError(
             f"{path} is not a valid safetensors file: header holds an unpaired UTF-16 surrogate escape (\\udXXX)"
         )
@@ -262,37 +289,23 @@ def _parse_json(path: Path, raw: bytes) -> Any:
 def _ignored_value_problem(value: Any) -> str | None:
     """Why serde_json refuses a value of a tensor entry that safetensors ignores but parses all the same: arrays and
     objects nested deeper than its limit (the header and the entry are two levels), or an integer beyond the u64
-    and i64 ranges whose f64 is infinite. None where it takes the value. Without recursion."""
-    stack = [(value, 3)]
-    while stack:
-        v, level = stack.pop()
-        if isinstance(v, list):
-            if level > _MAX_DEPTH:
-                return f"nests deeper than {_MAX_DEPTH} levels"
-            stack.extend((item[1] if isinstance(v, _Object) else item, level + 1) for item in v)
-        elif type(v) is int and not -(2**63) <= v <= _U64 and not _serde_f64_finite(str(v)):
-            return "holds a number out of range"
+    and i64 ranges whose f64 is infinite. None where it takes the value. Without recursion, and without a Python
+    step per number unless one is out of range (``min``/``max`` look)."""
+    if too_deep(value, _MAX_DEPTH, level=3):  # the header and the entry are levels 1 and 2
+        return f"nests deeper than {_MAX_DEPTH} levels"
+    for _, values in layers(value):
+        if max(of_type(values, int), default=0) > _U64 or min(of_type(values, int), default=0) < -(2**63):
+            for v in of_type(values, int):
+                if not -(2**63) <= v <= _U64 and not _serde_f64_finite(str(v)):
+                    return "holds a number out of range"
     return None
-
-
-def _strings(value: Any) -> Iterator[str]:
-    """Every string of parsed JSON, keys included, without recursion."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            yield v
-        elif isinstance(v, _Object):
-            for key, item in v:
-                yield key
-                stack.append(item)
-        elif isinstance(v, list):
-            stack.extend(v)
 
 
 def _json_int(literal: str) -> int | float:
     """A JSON integer typed as serde_json types it: an integer where a u64 or an i64 holds it, else (``-0`` too) an
     f64, which no dimension or offset accepts."""
+    if len(literal) < 19 and literal != "-0":  # the common case first: at most 18 digits fit an i64
+        return int(literal)
     if len(literal) <= 20:
         value = int(literal)
         if -(2**63) <= value <= _U64 and literal != "-0":
