@@ -152,11 +152,20 @@ _WEIRD = [None, -1, 0, 1, 2**31, 2**63, 2**70, 1.5, "x", [], {}, [1], True, [-1,
 
 
 def edit_safetensors_header(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    try:
+        return _edit_safetensors_header(data, rng)
+    except (TypeError, ValueError, KeyError):  # an earlier mutation left an entry this edit cannot take
+        return flip_bits(data, rng)
+
+
+def _edit_safetensors_header(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     split = _split_safetensors(data)
     if split is None:
         return flip_bits(data, rng)
     header, body = split
-    names = [k for k in header if k != "__metadata__"]
+    names = [k for k in header if k != "__metadata__" and isinstance(header[k], dict)]
+    if not names:  # an earlier mutation left no entry to edit
+        return flip_bits(data, rng)
     key = rng.choice(names)
     entry = header[key]
     what = rng.randrange(12)
