@@ -352,8 +352,12 @@ def folder_special(folder: Path, workdir: Path, rng: random.Random) -> str:
 
 
 def _json_target(folder: Path, rng: random.Random) -> Path:
+    """A JSON file of the folder to rewrite; an earlier mutation's link, FIFO or socket there is removed first."""
     index = sorted(folder.glob("*.index.json"))
-    return rng.choice([folder / "config.json", *index, folder / "preprocessor_config.json"])
+    path = rng.choice([folder / "config.json", *index, folder / "preprocessor_config.json"])
+    if path.is_symlink() or (path.exists() and not stat.S_ISREG(path.lstat().st_mode)):
+        path.unlink()
+    return path
 
 
 def _load_json(path: Path) -> Any:
