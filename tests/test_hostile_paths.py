@@ -432,6 +432,36 @@ def test_hub_cache_snapshot_links_to_its_blobs_are_followed(run: Any, tmp_path: 
     _one_error(run("convert", snap, tmp_path / "out2", "--img-size", "48"), 1, "README.md", "outside")
 
 
+@pytest.mark.parametrize("where", ["blobs", "repo", "inside blobs"])
+def test_dst_holding_the_blobs_a_snapshot_links_to_is_refused(run: Any, tmp_path: Path, where: str) -> None:
+    """``convert snapshots/rev blobs --force`` replaced blobs/ with the output: every revision lost its files."""
+    repo = tmp_path / "hub" / "models--org--vit"
+    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in HF_VIT.iterdir():
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blobs / sha)
+        (snap / f.name).symlink_to(f"../../blobs/{sha}")
+    before = _state(tmp_path)
+    dst = {"blobs": blobs, "repo": repo, "inside blobs": blobs / "out"}[where]
+    _one_error(run("convert", snap, dst, "--img-size", "48", "--force"), 2, str(dst))
+    assert _state(tmp_path) == before
+
+
+@pytest.mark.parametrize("dst", [".", ".."])
+def test_dst_dot_is_one_line_and_leaves_nothing(
+    run: Any, tmp_path: Path, dst: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cd model && vitresize convert . . --force`` made its temp folder in the input and failed with EBUSY."""
+    src = _model(tmp_path)
+    (src / "sub").mkdir()
+    monkeypatch.chdir(src / "sub")
+    before = _state(tmp_path)
+    _one_error(run("convert", src, dst, "--img-size", "48", "--force"), 2, "by name")
+    assert _state(tmp_path) == before and not _leftovers(tmp_path)
+
+
 def test_outputs_keep_their_sources_permissions(run: Any, tmp_path: Path, umask_022: None) -> None:
     src = _model(tmp_path)
     (src / "README.md").write_text("read me")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import struct
 import subprocess
@@ -648,6 +649,31 @@ def test_aliased_state_dict_converts_under_every_path(tmp_path: Path, suffix: st
         assert back["model"]["pos_embed"].shape == (1, 37, 16)
     else:
         assert load_file(str(dst))["pos_embed"].shape == (1, 37, 16)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("layout", ["slash", "slash and nested", "pos twice"])
+def test_verify_checks_every_pass_through_tensor(tmp_path: Path, suffix: str, layout: str) -> None:
+    """--verify split state-dict names at "/" (a key "model/ema" is one key) and skipped every tensor that shared
+    its id with a resampled one (``d["pos_copy"] = d["pos_embed"]`` is passed through, at the old shape)."""
+    sd = _sd()
+    if layout == "slash":
+        obj: Any = {"model/ema": sd}
+    elif layout == "slash and nested":
+        other = OrderedDict((k, v.clone()) for k, v in sd.items())
+        obj = {"a": {"b": sd}, "a/b": other}
+    else:
+        obj = OrderedDict(sd)
+        obj["pos_copy"] = sd["pos_embed"]
+    src = _saved(tmp_path, obj)
+    dst = tmp_path / f"o{suffix}"
+    res = CliRunner().invoke(app, ["convert", str(src), str(dst), "--img-size", "48", "--verify", "--json"])
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["verified"]["tensors"] >= rep["passed_through"] > 0, rep["verified"]
+    if layout == "pos twice":
+        back = _torch(dst, mmap=False) if suffix == ".pth" else load_file(str(dst))
+        assert back["pos_copy"].shape == (1, 17, 16) and back["pos_embed"].shape == (1, 37, 16)
 
 
 def test_replace_tensors_copies_only_the_way_to_changed_state_dicts() -> None:

@@ -15,7 +15,7 @@ from ._version import __version__
 from .errors import CheckpointFormatError, UsageError, VitresizeError
 from .formats import ROOT, output_format
 from .formats._dtypes import nbytes
-from .formats.atomic import atomic_path, check_apart, check_destination, check_folder_destination
+from .formats.atomic import atomic_path, check_apart, check_destination, check_folder_destination, check_not_holding
 from .resample.geometry import format_size
 
 if TYPE_CHECKING:
@@ -400,8 +400,13 @@ def _destination(ckpt: Checkpoint, dst: Path, force: bool) -> str:
     inside it, links resolved (DST equal to SRC is an atomic replace with ``force``)."""
     from .formats.folder import ShardedCheckpoint
 
+    if dst.name in ("", ".", ".."):
+        raise UsageError(f"DST {str(dst)!r} names no file or folder of its own; give it by name (e.g. ../out)")
     check_apart(ckpt.path, dst)
     if isinstance(ckpt, ShardedCheckpoint):
+        src = ckpt.path.resolve()
+        for folder in dict.fromkeys(real.parent for real in ckpt.files.values() if src not in real.parents):
+            check_not_holding(folder, dst, f"holds files that {ckpt.path} links to")
         check_folder_destination(dst, force=force)
         return "folder"
     fmt = output_format(dst)
@@ -448,8 +453,9 @@ def _io_error(e: OSError, plan: Plan, dst: Path) -> CheckpointFormatError:
     read on the way (a shard, a copied file; where the OS says which)."""
     name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else None
     what = e.strerror or str(e)
+    reads = [plan.src, *getattr(plan.checkpoint, "files", {}).values()]  # a folder's files, hub blobs included
     try:
-        source = name is not None and Path(name).resolve().is_relative_to(plan.src.resolve())
+        source = name is not None and any(Path(name).resolve().is_relative_to(p.resolve()) for p in reads)
     except (OSError, RuntimeError, ValueError):  # a link loop, a name the OS refuses
         source = False
     if source:

@@ -73,7 +73,7 @@ def _safetensors_digests(path: Path, keys: set[str] | None) -> dict[Path_, _Dige
         os.close(fd)
 
 
-def _walk(obj: Any) -> Iterator[tuple[Path_, Any]]:
+def _walk(obj: Any, containers: dict[int, Path_] | None = None) -> Iterator[tuple[Path_, Any]]:
     """Every tensor in a container of dicts, lists and tuples, with its path. Each container is walked once, under
     the first path that reaches it depth-first (as :func:`~.formats.torch_pickle.iter_state_dicts` names state
     dicts): a dict shared by two keys, or a crafted file of shared nested dicts, is not walked once per path."""
@@ -95,18 +95,26 @@ def _walk(obj: Any) -> Iterator[tuple[Path_, Any]]:
         if id(node) in seen:
             continue
         seen.add(id(node))
+        if containers is not None:  # where each container is walked: the path its tensors are yielded under
+            containers[id(node)] = path
         stack.extend(((*path, k), v) for k, v in reversed(items))
+
+
+def _at_node(obj: Any, path: Path_) -> Any:
+    """What lies at ``path`` in a container of dicts, lists and tuples, or ``None``."""
+    for part in path:
+        try:
+            obj = obj[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return obj
 
 
 def _at(obj: Any, path: Path_) -> Any:
     """The tensor at ``path`` in a container of dicts, lists and tuples, or ``None``."""
     import torch
 
-    for part in path:
-        try:
-            obj = obj[part]
-        except (KeyError, IndexError, TypeError):
-            return None
+    obj = _at_node(obj, path)
     return obj if isinstance(obj, torch.Tensor) else None
 
 
@@ -132,7 +140,12 @@ def _torch_digests(obj: Any, keep: set[Path_] | None = None) -> dict[Path_, _Dig
     return out
 
 
-def _sd_path(name: str) -> Path_:
+def _sd_path(ckpt: Checkpoint, name: str) -> Path_:
+    """The keys leading to a state dict (a name joins them with ``/``, which a key of a .pth may hold)."""
+    from .formats.torch_pickle import TorchCheckpoint
+
+    if isinstance(ckpt, TorchCheckpoint):
+        return ckpt.path_of(name)
     return tuple(name.split("/")) if name != ROOT else ()
 
 
@@ -150,7 +163,7 @@ def verify_output(
     # What the output should hold unchanged, as (path in the output) -> (path in the input).
     if out_format == "safetensors":
         sd = state_dicts[0]
-        expect = {(k,): (*_sd_path(sd), k) for k in ckpt.state_dicts[sd] if (sd, k) not in changed}
+        expect = {(k,): (*_sd_path(ckpt, sd), k) for k in ckpt.state_dicts[sd] if (sd, k) not in changed}
         got = _safetensors_digests(out, {p[0] for p in expect})
     elif out_format == "npz":
         from .formats.npz import NpzCheckpoint
@@ -160,10 +173,15 @@ def verify_output(
         got = {(k,): _tensor_digest(written.tensor(ROOT, k)) for k in written.state_dicts[ROOT] if (k,) in expect}
     else:
         container = load_container(out, mmap=True)
-        changed_paths = {(*_sd_path(sd), k) for sd, k in changed}
-        if isinstance(ckpt, TorchCheckpoint):  # a changed tensor under another path too (an aliased state dict)
-            resampled = {id(ckpt.tensor(sd, k)) for sd, k in changed}
-            changed_paths |= {p for p, t in _walk(ckpt.container) if id(t) in resampled}
+        changed_paths = {(*_sd_path(ckpt, sd), k) for sd, k in changed}
+        if isinstance(ckpt, TorchCheckpoint):  # an aliased state dict is walked under its first path only
+            first: dict[int, Path_] = {}
+            for _ in _walk(ckpt.container, first):
+                pass
+            for sd, k in changed:
+                node = _at_node(ckpt.container, ckpt.path_of(sd))
+                if id(node) in first:
+                    changed_paths.add((*first[id(node)], k))
         got = {p: d for p, d in _torch_digests(container).items() if p not in changed_paths}
         expect = {p: p for p in got}
         if isinstance(ckpt, TorchCheckpoint):

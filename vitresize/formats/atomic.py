@@ -31,7 +31,14 @@ from typing import Any
 
 from ..errors import CheckpointFormatError, OutputExistsError, UsageError, VitresizeError
 
-__all__ = ["atomic_folder", "atomic_path", "check_apart", "check_destination", "check_folder_destination"]
+__all__ = [
+    "atomic_folder",
+    "atomic_path",
+    "check_apart",
+    "check_destination",
+    "check_folder_destination",
+    "check_not_holding",
+]
 
 TMP_SUFFIX = ".vitresize-tmp"
 OLD_SUFFIX = ".vitresize-old"
@@ -124,6 +131,16 @@ def check_apart(src: Path, dst: Path) -> None:
     src_id = _folder_identity(src, follow=True)
     if src_id is not None and any(_identity(a) == src_id for a in _ancestors(dst)):
         raise UsageError(inside)
+
+
+def check_not_holding(folder: Path, dst: Path, what: str) -> None:
+    """Refuse a DST that is ``folder``, lies inside it or holds it: a folder the input reads from through links
+    (a Hugging Face cache's ``blobs/``), which writing DST would change or delete."""
+    if _folder_identity(dst, follow=True) == _folder_identity(folder, follow=True) is not None or (
+        _resolved(dst) == _resolved(folder)
+    ):
+        raise UsageError(f"DST {dst} is {folder}, which {what}; give a DST outside it")
+    check_apart(folder, dst)
 
 
 def _exists(dst: Path, st: os.stat_result, fix: str) -> OutputExistsError:
