@@ -409,15 +409,20 @@ def test_subfolders_are_copied_as_regular_files(run: Any, tmp_path: Path) -> Non
     assert json.loads(res.stdout)["files"]["copied"] == ["LICENSE", "README.md", "assets/", "docs/"]
 
 
-def test_hub_cache_snapshot_links_to_its_blobs_are_followed(run: Any, tmp_path: Path) -> None:
+def _hub_snapshot(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A hub cache repository (``tmp_path/hub/models--org--vit``) whose snapshot links HF ViT's files to its
+    blobs as huggingface_hub does (``../../blobs/SHA``): ``(repo, blobs, snapshot)``."""
+    files = _hub_blobs(tmp_path)
     repo = tmp_path / "hub" / "models--org--vit"
-    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abcd"
-    blobs.mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
     snap.mkdir(parents=True)
-    for f in HF_VIT.iterdir():
-        sha = hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copyfile(f, blobs / sha)
-        (snap / f.name).symlink_to(f"../../blobs/{sha}")
+    for name, blob in files.items():
+        (snap / name).symlink_to(f"../../blobs/{blob.name}")
+    return repo, repo / "blobs", snap
+
+
+def test_hub_cache_snapshot_links_to_its_blobs_are_followed(run: Any, tmp_path: Path) -> None:
+    repo, _, snap = _hub_snapshot(tmp_path)
     before = _state(tmp_path)
     res = run("convert", snap, tmp_path / "out", "--img-size", "48")
     assert res.exit_code == 0, res.stderr
@@ -435,14 +440,7 @@ def test_hub_cache_snapshot_links_to_its_blobs_are_followed(run: Any, tmp_path: 
 @pytest.mark.parametrize("where", ["blobs", "repo", "inside blobs"])
 def test_dst_holding_the_blobs_a_snapshot_links_to_is_refused(run: Any, tmp_path: Path, where: str) -> None:
     """``convert snapshots/rev blobs --force`` replaced blobs/ with the output: every revision lost its files."""
-    repo = tmp_path / "hub" / "models--org--vit"
-    blobs, snap = repo / "blobs", repo / "snapshots" / "0123abcd"
-    blobs.mkdir(parents=True)
-    snap.mkdir(parents=True)
-    for f in HF_VIT.iterdir():
-        sha = hashlib.sha256(f.read_bytes()).hexdigest()
-        shutil.copyfile(f, blobs / sha)
-        (snap / f.name).symlink_to(f"../../blobs/{sha}")
+    repo, blobs, snap = _hub_snapshot(tmp_path)
     before = _state(tmp_path)
     dst = {"blobs": blobs, "repo": repo, "inside blobs": blobs / "out"}[where]
     _one_error(run("convert", snap, dst, "--img-size", "48", "--force"), 2, str(dst))

@@ -176,8 +176,7 @@ def verify_output(
         changed_paths = {(*_sd_path(ckpt, sd), k) for sd, k in changed}
         if isinstance(ckpt, TorchCheckpoint):  # an aliased state dict is walked under its first path only
             first: dict[int, Path_] = {}
-            for _ in _walk(ckpt.container, first):
-                pass
+            inputs = [p for p, _ in _walk(ckpt.container, first)]
             for sd, k in changed:
                 node = _at_node(ckpt.container, ckpt.path_of(sd))
                 if id(node) in first:
@@ -185,7 +184,7 @@ def verify_output(
         got = {p: d for p, d in _torch_digests(container).items() if p not in changed_paths}
         expect = {p: p for p in got}
         if isinstance(ckpt, TorchCheckpoint):
-            expect |= {p: p for p, _ in _walk(ckpt.container) if p not in changed_paths}
+            expect |= {p: p for p in inputs if p not in changed_paths}
         else:
             expect |= {(k,): (k,) for k in ckpt.state_dicts[ROOT] if (ROOT, k) not in changed}
     if isinstance(ckpt, SafetensorsCheckpoint):
