@@ -231,3 +231,95 @@ def test_paths_with_markup_are_escaped(run: Any, tmp_path: Path) -> None:
     folder.mkdir()
     res = run("convert", fixture("timm_vit_cls.pth"), folder / "o.safetensors", "--img-size", "48")
     assert res.exit_code == 0 and "[exp1]" in res.stdout
+
+
+# Help at 80 columns, shell completion, contradictory flags (issue 12).
+
+
+def _cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VITRESIZE_DEBUG", "_VITRESIZE_COMPLETE")}
+    return {**env, "NO_COLOR": "1", **extra}
+
+
+@pytest.mark.parametrize("color", [{"NO_COLOR": "1"}, {}])
+@pytest.mark.parametrize(("args", "usage"), [(["convert"], "SRC DST"), (["inspect"], "SRC"), ([], "COMMAND")])
+def test_help_fits_80_columns(args: list[str], usage: str, color: dict[str, str]) -> None:
+    env = {k: v for k, v in _cli_env(COLUMNS="80").items() if k != "NO_COLOR"} | color
+    out = subprocess.run(
+        [sys.executable, "-m", "vitresize", *args, "--help"], capture_output=True, text=True, env=env, cwd=ROOT
+    )  # a pipe, not a terminal: no colour codes either way
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    lines = out.stdout.splitlines()
+    assert [line for line in lines if len(line) > 80] == []
+    assert "\x1b" not in out.stdout
+    (line,) = [line for line in lines if "Usage:" in line]
+    assert f"[OPTIONS] {usage}" in line and "{" not in line, line
+    assert "<bool>" not in out.stdout and "BOOLEAN" not in out.stdout and "<str>" not in out.stdout
+    rows: list[int] = []  # lines each option, argument or command takes in its panel
+    for line in lines:
+        if line.startswith("│ ") and line[2] != " ":
+            rows.append(1)
+        elif line.startswith("│  ") and line.strip("│ ") and rows:
+            rows[-1] += 1
+    assert rows and max(rows) <= 3, rows  # at most two lines of help, and one of [default: ...] or [required]
+    if args == ["convert"]:  # every method is named (in the Methods epilog); value options show their metavar
+        from vitresize.cli import Method
+
+        for m in Method:
+            assert m.value in out.stdout, m.value
+        for opt, metavar in [("--img-size", "N|HxW"), ("--grid", "HxW"), ("--method", "METHOD"), ("--force", "")]:
+            (row,) = [line for line in lines if f"│ {opt} " in line]
+            assert metavar in row, row
+    if args == []:
+        assert "--install-completion" in out.stdout and "--show-completion" in out.stdout
+
+
+def _complete(words: str, exe: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Bash completion for WORDS through the env-var protocol the installed script uses (``<TAB>`` at the end)."""
+    env = _cli_env(_VITRESIZE_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(len(words.split(" ")) - 1))
+    if exe is None:  # main() in-process, reporting whether torch got imported
+        code = (
+            "import sys\nsys.argv = ['vitresize']\nfrom vitresize.cli import main\n"
+            "try:\n    main()\nfinally:\n    print('TORCH', 'torch' in sys.modules, file=sys.stderr)\n"
+        )
+        exe = [sys.executable, "-c", code]
+    return subprocess.run(exe, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+
+def test_completion_of_command_names_in_the_console_script() -> None:
+    exe = str(Path(sys.executable).parent / "vitresize")
+    res = _complete("vitresize conv", exe=[exe])
+    assert res.returncode == 0 and res.stderr == "" and res.stdout.split() == ["convert"], res
+    env = _cli_env(_VITRESIZE_COMPLETE="source_bash")
+    res = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and "_VITRESIZE_COMPLETE=complete_bash" in res.stdout
+    assert "complete -o default -F _vitresize_completion vitresize" in res.stdout
+
+
+def test_completion_of_choices_without_torch() -> None:
+    from vitresize.cli import Family, Method
+
+    methods, families = [m.value for m in Method], [f.value for f in Family]
+    for words, expected in [
+        ("vitresize ", ["convert", "inspect"]),
+        ("vitresize --version ", ["convert", "inspect"]),  # the eager --version callback prints nothing here
+        ("vitresize convert a.pth b.pth --method ", methods),
+        ("vitresize convert a.pth b.pth --method dinov", [m for m in methods if m.startswith("dinov")]),
+        ("vitresize inspect a.pth --family hf", [f for f in families if f.startswith("hf")]),
+        ("vitresize convert a.pth b.pth --interpolation b", ["bicubic", "bilinear"]),
+    ]:
+        res = _complete(words)
+        assert res.returncode == 0 and res.stdout.split() == expected, (words, res)
+        assert res.stderr.strip() == "TORCH False", (words, res.stderr)
+    assert {"dinov2", "dinov2-reg"} <= set(methods) and {"hf", "hf-clip"} <= set(families)
+
+
+@pytest.mark.parametrize("flags", [["--json", "-q"], ["--quiet", "--json"]])
+def test_json_with_quiet_is_a_usage_error(run: Any, tmp_path: Path, flags: list[str]) -> None:
+    res = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", "--img-size", "48", *flags)
+    assert res.exit_code == 2 and res.stdout == ""
+    line = _one_error_line(res)
+    assert "--json" in line and "-q/--quiet" in line, line
+    assert list(tmp_path.iterdir()) == []
+    res = run("inspect", fixture("timm_vit_cls.pth"), "--json", "-q")  # inspect has no --quiet
+    assert res.exit_code == 2 and res.stdout == "" and "No such option: -q" in _one_error_line(res)

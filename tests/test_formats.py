@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import vitresize
-from vitresize.formats.safetensors import Segment, write_safetensors
+from vitresize.formats.base import Segment
+from vitresize.formats.safetensors import write_safetensors
 
 
 @pytest.mark.parametrize("name", ["timm_vit_bf16.safetensors", "timm_vit_fp16.pth"])
@@ -102,8 +103,8 @@ def test_golden_safetensors_bytes(tmp_path: Path) -> None:
     t = torch.tensor([[1.0, -2.0]], dtype=torch.float32)
     dst = tmp_path / "g.safetensors"
     segs = [
-        Segment("a", "float32", (1, 2), 8, tensor=lambda: t),
-        Segment("b", "bfloat16", (1,), 2, tensor=lambda: torch.tensor([1.5], dtype=torch.bfloat16)),
+        Segment("a", "float32", (1, 2), 8, load=lambda: t),
+        Segment("b", "bfloat16", (1,), 2, load=lambda: torch.tensor([1.5], dtype=torch.bfloat16)),
     ]
     n = write_safetensors(dst, segs, {"format": "pt"})
     header = (
@@ -138,13 +139,13 @@ def test_existing_dst_refused_and_untouched(run: Any, tmp_path: Path) -> None:
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
     """A write that fails at the OS level (ENOSPC) leaves no output and no temp file."""
-    import vitresize.formats.safetensors as st
+    import vitresize.formats._copy as copy_engine
     import vitresize.formats.torch_pickle as tp
 
     def full(*_: Any, **__: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(st, "_write_all", full)
+    monkeypatch.setattr(copy_engine, "write_all", full)
     monkeypatch.setattr(tp, "save_container", full)
     dst = tmp_path / f"o{suffix}"
     with pytest.raises(vitresize.VitresizeError, match="No space left"):

@@ -41,15 +41,15 @@ def test_no_embed_class_falls_back_to_zero_prefix_rows() -> None:
 
 
 def test_non_square_needs_geometry() -> None:
-    with pytest.raises(GeometryError, match="--from-img-size"):
+    with pytest.raises(GeometryError, match="pass from_img_size HxW"):
         infer_source_grid(num_rows=7, prefix_candidates=(1, 0), patch=(16, 16), pos_key="pos_embed")
 
 
 def test_non_square_from_img_size_and_grid() -> None:
     got = infer_source_grid(num_rows=7, prefix_candidates=(1, 0), patch=(16, 16), pos_key="p", from_img_size=(32, 48))
-    assert got == ((2, 3), 1, "--from-img-size")
+    assert got == ((2, 3), 1, "from_img_size")
     got = infer_source_grid(num_rows=7, prefix_candidates=(1, 0), patch=(16, 16), pos_key="p", from_grid=(2, 3))
-    assert got == ((2, 3), 1, "--from-grid")
+    assert got == ((2, 3), 1, "from_grid")
 
 
 def test_given_geometry_must_explain_the_rows() -> None:
@@ -90,7 +90,7 @@ def test_resolve_target() -> None:
         ({}, "no target"),
         ({"img_size": (385, 385)}, "not divisible"),
         ({"patch": (15, 15)}, "not divisible"),
-        ({"img_size": (384, 384), "grid": (2, 2)}, "either --grid or --img-size"),
+        ({"img_size": (384, 384), "grid": (2, 2)}, "either grid or img_size"),
     ],
 )
 def test_resolve_target_errors(kwargs: dict[str, object], match: str) -> None:

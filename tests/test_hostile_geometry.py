@@ -23,9 +23,9 @@ from conftest import fixture, load_any
 from safetensors.torch import save_file
 
 import vitresize
+from vitresize.budgets import LARGE_FLOOR, MEMORY_CAP
 from vitresize.errors import CheckpointFormatError, UsageError, VitresizeError
 from vitresize.keymaps import TensorInfo, find_vits
-from vitresize.plan import LARGE_FLOOR, MEMORY_CAP
 from vitresize.resample.conventions import METHODS, PATCH_BASIS
 from vitresize.resample.patch_embed import resample_patch_embed
 from vitresize.resample.pos_embed import resample_pos_embed
@@ -123,7 +123,7 @@ def test_stem_inspect_says_the_stride_is_unknown(stem_src: dict[str, Path]) -> N
     assert e.stem is not None and "patch_embed.backbone." in e.stem and not e.stride_known
     d = e.to_dict()
     assert d["grid"] == [2, 2] and d["patch"] is None and d["img_size"] is None
-    assert e.note is not None and "--from-img-size" in e.note
+    assert e.note is not None and "pass from_img_size" in e.note and "pass --from-img-size" in e.note.cli  # type: ignore[attr-defined]
     (e,) = vitresize.inspect(stem_src["vit_small_r26_s32_224"], from_img_size=64).embeddings
     assert e.stride_known and e.source is not None and e.source.patch == (32, 32) and e.source.img_size == (64, 64)
 
@@ -237,7 +237,7 @@ def test_full_size_stems_plan_the_shape_timm_builds(tmp_path: Path, name: str) -
         want = timm.create_model(name, pretrained=False, img_size=448).state_dict()["pos_embed"].shape
     src = tmp_path / "m.safetensors"
     _sparse_safetensors(model, src)
-    with pytest.raises(UsageError, match="--from-img-size"):
+    with pytest.raises(UsageError, match="pass from_img_size"):
         vitresize.plan(src, img_size=448)
     with vitresize.plan(src, img_size=448, from_img_size=224) as p:
         assert [(c.key, c.new_shape) for c in p.changes] == [("pos_embed", tuple(want))]
@@ -313,9 +313,9 @@ def test_allow_large_lifts_the_tenfold_rule(tmp_path: Path) -> None:
     """576x576 grid of 16 floats: a 21 MiB output from a 24 KiB source."""
     src = fixture("timm_vit_cls.safetensors")
     dst = tmp_path / "o.safetensors"
-    with pytest.raises(UsageError, match=r"--img-size 4608 would make pos_embed \[1, 331777, 16\] .*x the source's"):
+    with pytest.raises(UsageError, match=r"img_size 4608 would make pos_embed \[1, 331777, 16\] .*x the source's"):
         vitresize.convert(src, dst, img_size=4608)
-    with pytest.raises(UsageError, match="--allow-large"):
+    with pytest.raises(UsageError, match="allow_large=True"):
         vitresize.convert(src, dst, img_size=4608, dry_run=True)
     assert not dst.exists()
     rep = vitresize.convert(src, dst, img_size=4608, allow_large=True)

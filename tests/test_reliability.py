@@ -29,7 +29,7 @@ import vitresize
 _STALLED_WRITER = """
 import sys, time
 from pathlib import Path
-import vitresize.formats.safetensors as st
+import vitresize.formats._copy as copy_engine
 import vitresize.formats.torch_pickle as tp
 
 ready = Path(sys.argv.pop(1))
@@ -42,11 +42,11 @@ def stall(fd_or_path):
     for _ in range(600):
         time.sleep(0.1)
 
-real_write_all = st._write_all
+real_write_all = copy_engine.write_all
 def write_all(fd, data, *args, **kwargs):
     real_write_all(fd, data, *args, **kwargs)
     stall(fd)
-st._write_all = write_all
+copy_engine.write_all = write_all
 
 real_save = tp.save_container
 def save(obj, dst, *args, **kwargs):
@@ -133,13 +133,15 @@ def test_verify_catches_a_changed_pass_through_byte(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, suffix: str
 ) -> None:
     """A writer bug that alters one pass-through tensor is caught, and nothing is written."""
-    import vitresize._execute as ex
+    from vitresize.formats.base import Written
+    from vitresize.formats.safetensors import SafetensorsWriter
+    from vitresize.formats.torch_pickle import TorchWriter
 
-    real = ex._write_safetensors if suffix == ".safetensors" else ex._write_torch
+    writer = SafetensorsWriter if suffix == ".safetensors" else TorchWriter
+    real = writer.write
 
-    def corrupting(*args: Any) -> int:
-        n = real(*args)
-        tmp = next(a for a in args if isinstance(a, Path))
+    def corrupting(self: Any, tmp: Path, *args: Any) -> Written:
+        n = real(self, tmp, *args)
         if suffix == ".safetensors":
             from safetensors.torch import load_file, save_file
 
@@ -152,9 +154,9 @@ def test_verify_catches_a_changed_pass_through_byte(
             torch.save(out, tmp)
         return n
 
-    monkeypatch.setattr(ex, "_write_safetensors" if suffix == ".safetensors" else "_write_torch", corrupting)
+    monkeypatch.setattr(writer, "write", corrupting)
     dst = tmp_path / f"o{suffix}"
-    with pytest.raises(vitresize.VitresizeError, match=r"'norm\.weight' differs from the input"):
+    with pytest.raises(vitresize.InternalError, match=r"'norm\.weight' differs from the input.*a bug in vitresize"):
         vitresize.convert(fixture("timm_vit_cls.pth"), dst, img_size=48, verify=True)
     assert not dst.exists() and leftovers(tmp_path) == []
 

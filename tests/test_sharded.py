@@ -101,12 +101,12 @@ def test_folder_in_place_with_force(sharded: Path) -> None:
 def test_failed_folder_write_leaves_nothing(monkeypatch: pytest.MonkeyPatch, sharded: Path, tmp_path: Path) -> None:
     import errno
 
-    import vitresize.formats.safetensors as st
+    import vitresize.formats._copy as copy_engine
 
     def full(*a: Any, **k: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(st, "_write_all", full)
+    monkeypatch.setattr(copy_engine, "write_all", full)
     dst = tmp_path / "out"
     with pytest.raises(vitresize.VitresizeError, match="No space left"):
         vitresize.convert(sharded, dst, img_size=48)

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import vitresize
+from vitresize.formats.base import Segment
 from vitresize.formats.safetensors import tensor_bytes
 from vitresize.formats.torch_pickle import TorchCheckpoint
 
@@ -191,12 +192,12 @@ def test_copier_process_or_thread_same_file_and_progress(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, platform: str
 ) -> None:
     """The copy runs in a forked child on Linux, a thread elsewhere: same bytes, and progress adds up."""
-    import vitresize.formats.safetensors as st
+    import vitresize.formats._copy as copy_engine
 
     ref = tmp_path / "ref.safetensors"
     vitresize.convert(fixture("timm_vit_reg4.safetensors"), ref, img_size=48)
     if platform != "linux":
-        monkeypatch.setattr(st, "_FORK_COPIES", False)
+        monkeypatch.setattr(copy_engine, "_FORK_COPIES", False)
     ticks: list[tuple[int, int]] = []
     dst = tmp_path / "o.safetensors"
     vitresize.convert(
@@ -212,20 +213,16 @@ def test_a_failing_producer_stops_the_copy_process(tmp_path: Path) -> None:
 
     src = fixture("timm_vit_reg4.safetensors")
     _, entries, _ = st.read_header(src)
-    fd = os.open(src, os.O_RDONLY)
 
     def boom() -> torch.Tensor:
         raise RuntimeError("cannot produce")
 
-    try:
-        segments = [
-            st.Segment(k, "float32", e.shape, e.end - e.start, copy_from=(fd, e.start)) for k, e in entries.items()
-        ]
-        segments.append(st.Segment("extra", "float32", (2,), 8, tensor=boom))
-        with pytest.raises(RuntimeError, match="cannot produce"):
-            st.write_safetensors(tmp_path / "o.safetensors", segments, {})
-    finally:
-        os.close(fd)
+    segments = [
+        Segment(k, "float32", e.shape, e.end - e.start, load=boom, source=(src, e.start)) for k, e in entries.items()
+    ]
+    segments.append(Segment("extra", "float32", (2,), 8, load=boom))
+    with pytest.raises(RuntimeError, match="cannot produce"):
+        st.write_safetensors(tmp_path / "o.safetensors", segments, {})
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # no child left behind, not even a zombie
 

@@ -2,15 +2,47 @@
 
 >>> import vitresize
 >>> report = vitresize.convert("vit.pth", "vit_384.safetensors", img_size=384)  # doctest: +SKIP
+>>> target = vitresize.Target(img_size=384, patch=16)
+>>> with vitresize.plan("vit.pth", target, vitresize.Options(method="timm")) as p:  # doctest: +SKIP
+...     report = p.execute("vit_384.safetensors")
 """
 
 from ._version import __version__ as __version__
 from .api import convert as convert
 from .api import inspect as inspect
 from .api import plan as plan
+from .errors import CheckpointFormatError as CheckpointFormatError
+from .errors import DeviceError as DeviceError
+from .errors import GeometryError as GeometryError
+from .errors import InternalError as InternalError
+from .errors import NoViTFoundError as NoViTFoundError
+from .errors import OutputExistsError as OutputExistsError
+from .errors import UnsafeCheckpointError as UnsafeCheckpointError
+from .errors import UsageError as UsageError
 from .errors import VitresizeError as VitresizeError
-from .plan import Inspection as Inspection
-from .plan import Plan as Plan
-from .plan import Report as Report
+from .options import Options as Options
+from .options import Target as Target
+from .plans import Plan as Plan
+from .report import Inspection as Inspection
+from .report import Report as Report
 
-__all__ = ["Inspection", "Plan", "Report", "VitresizeError", "__version__", "convert", "inspect", "plan"]
+__all__ = [
+    "CheckpointFormatError",
+    "DeviceError",
+    "GeometryError",
+    "Inspection",
+    "InternalError",
+    "NoViTFoundError",
+    "Options",
+    "OutputExistsError",
+    "Plan",
+    "Report",
+    "Target",
+    "UnsafeCheckpointError",
+    "UsageError",
+    "VitresizeError",
+    "__version__",
+    "convert",
+    "inspect",
+    "plan",
+]

@@ -1,98 +1,62 @@
-"""Carry out a :class:`~vitresize.plan.Plan`: resample the planned tensors, stream the rest, write atomically."""
+"""Carry out a :class:`~vitresize.plans.Plan`: resample the planned tensors, and have the destination's writer
+stream them with everything else into a temp file (or folder) that is checked, verified on request, and renamed
+into place. Which formats are involved is the reader's and the writer's business: nothing here asks.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._verify import Verification, verify_output
+from ._verify import verify_output
 from ._version import __version__
-from .errors import CheckpointFormatError, UsageError, VitresizeError
-from .formats import ROOT, output_format
+from .budgets import check_output, format_bytes
+from .errors import CheckpointFormatError, InternalError, UsageError, VitresizeError, param
+from .formats import ROOT, open_file, writer_for
 from .formats._dtypes import nbytes
-from .formats.atomic import atomic_path, check_apart, check_destination, check_folder_destination, check_not_holding
+from .formats.atomic import check_apart
+from .formats.base import Key, Replacement, WriteJob, Writer, Written
+from .report import Report, Verification
 from .resample.geometry import format_size
 
 if TYPE_CHECKING:
     import torch
 
     from .formats import Checkpoint
-    from .formats.safetensors import Progress, Segment
-    from .formats.torch_pickle import TorchCheckpoint
-    from .plan import ModelPlan, Plan, Report
+    from .formats._copy import Progress
+    from .plans import ModelPlan, Plan
     from .resample.torchfree import Table
 
-__all__ = ["dry_run_report", "execute"]
-
-Key = tuple[str, str]  # (state dict, tensor key)
+__all__ = ["execute"]
 
 
-def _select(plan: Plan, ckpt: Checkpoint, dst_format: str, select: str | None) -> tuple[tuple[str, ...], list[str]]:
+def _select(plan: Plan, ckpt: Checkpoint, writer: Writer, select: str | None) -> tuple[tuple[str, ...], list[str]]:
     """Which state dicts go into the output, and what of the source is left out."""
-    if dst_format == "torch":
+    if writer.whole_container:
         if select is not None:
-            raise UsageError("--select only applies to a .safetensors output; a .pth keeps the whole container")
-        meta = [f"safetensors metadata ({len(ckpt.metadata)} entries)"] if ckpt.metadata else []
+            raise UsageError(
+                f"{param('select')} only applies to an output of one state dict (.safetensors); a "
+                f"{writer.suffixes[0]} keeps the whole container"
+            )
+        meta = (
+            []
+            if writer.keeps_metadata or not ckpt.metadata
+            else [f"{ckpt.format} metadata ({len(ckpt.metadata)} entries)"]
+        )
         return tuple(ckpt.state_dicts), meta
     if select is not None:
         if select not in ckpt.state_dicts:
             names = ", ".join(n or "(root)" for n in ckpt.state_dicts)
-            raise UsageError(f"--select {select!r} is not a state dict of {ckpt.path}; it has: {names}")
+            raise UsageError(f"{param('select')} {select!r} is not a state dict of {ckpt.path}; it has: {names}")
         chosen = select
     else:
         vits = plan.state_dicts
         chosen = next((s for s in vits if "ema" not in s.rsplit("/", 1)[-1].lower()), vits[0])
-    left: list[str] = []
-    torch_ckpt = _as_torch(ckpt)
-    if chosen != ROOT:
-        root = chosen.split("/")[0]
-        tops = torch_ckpt.top_keys() if torch_ckpt is not None else []
-        left += [t for t in tops if t != root]
-        left += [s for s in ckpt.state_dicts if s != chosen and s.split("/")[0] == root]
-    if torch_ckpt is not None:
-        left += [f"{k} (not a tensor)" for k in torch_ckpt.non_tensors(chosen)]
-    return (chosen,), left
-
-
-def _check_output_size(plan: Plan, ckpt: Checkpoint, fmt: str, name: str, dst: Path) -> None:
-    """Refuse a ``.safetensors`` output that would be over :data:`~.plan.LARGE_RATIO` times its source (and over
-    :data:`~.plan.LARGE_FLOOR`), unless ``plan.allow_large``.
-
-    :func:`vitresize.plan` bounds the output from the planned changes. This is the part that depends on the
-    output: a ``.pth`` may hold a broadcast view (``torch.zeros(1).expand(20000, 20000)``) in a few bytes,
-    which ``torch.save`` keeps as small, but a ``.safetensors`` file stores every element.
-
-    Raises:
-        UsageError: the output would be over the budget.
-    """
-    from .plan import LARGE_FLOOR, LARGE_RATIO, format_bytes
-
-    if plan.allow_large or fmt != "safetensors":
-        return
-    new = {c.key: c.new_shape for c in plan.changes if c.state_dict == name}
-    sizes = {k: nbytes(new.get(k, info.shape), info.dtype) for k, info in ckpt.state_dicts[name].items()}
-    total, source = sum(sizes.values()), ckpt.path.stat().st_size
-    if total <= max(LARGE_RATIO * source, LARGE_FLOOR):
-        return
-    big = max(sizes, key=lambda k: sizes[k])
-    shape = list(new.get(big, ckpt.state_dicts[name][big].shape))
-    raise UsageError(
-        f"{dst.name} would hold {format_bytes(total)} of tensors, {total // max(source, 1)}x the source's "
-        f"{format_bytes(source)} ({big} {shape} alone is {format_bytes(sizes[big])}; a .safetensors file stores "
-        f"every element of a broadcast or shared tensor that a .pth keeps once); write a .pth, or pass "
-        f"--allow-large if you mean it"
-    )
-
-
-def _as_torch(ckpt: Checkpoint) -> TorchCheckpoint | None:
-    from .formats.torch_pickle import TorchCheckpoint
-
-    return ckpt if isinstance(ckpt, TorchCheckpoint) else None
+    return (chosen,), ckpt.left_out(chosen)
 
 
 def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], list[str]]:
@@ -223,8 +187,6 @@ class _Resampled:
                     self._out, self.warnings = _resample(self.plan, self.ckpt)
                     self.engine = "torch" if self.plan.changes else None
             except MemoryError:  # numpy's allocation failures (torch's are turned into one line in resample/)
-                from .plan import format_bytes
-
                 need = sum(nbytes(c.new_shape, c.dtype) for c in self.plan.changes)
                 keys = ", ".join(c.key for c in self.plan.changes)
                 raise VitresizeError(
@@ -238,10 +200,16 @@ class _Resampled:
         t: torch.Tensor | Table = self()[key]
         c = self.changes[key]
         if tuple(t.shape) != c.new_shape or str(t.dtype).removeprefix("torch.") != c.dtype:
-            raise VitresizeError(
-                f"internal check failed: {c.key} came out as {t.dtype} {list(t.shape)} (a vitresize bug)"
-            )
+            raise InternalError(f"{c.key} came out as {t.dtype} {list(t.shape)}, planned {c.dtype} {list(c.new_shape)}")
         return t
+
+    def replacements(self, state_dicts: tuple[str, ...]) -> dict[Key, Replacement]:
+        """The planned changes of these state dicts, each computed (with all the others) when first loaded."""
+        return {
+            k: Replacement(c.dtype, c.new_shape, functools.partial(self.get, k))
+            for k, c in self.changes.items()
+            if k[0] in state_dicts
+        }
 
 
 def _provenance(plan: Plan) -> dict[str, str]:
@@ -260,120 +228,42 @@ def _provenance(plan: Plan) -> dict[str, str]:
     }
 
 
-def _write_safetensors(
-    plan: Plan, ckpt: Checkpoint, name: str, resampled: _Resampled, tmp: Path, progress: Progress | None
-) -> int:
-    from .formats._dtypes import TORCH_TO_ST
-    from .formats.safetensors import SafetensorsCheckpoint, Segment, read_header, write_safetensors
-    from .formats.torch_pickle import TorchCheckpoint
+def _check_written(
+    ckpt: Checkpoint, out: Checkpoint, writer: Writer, sds: tuple[str, ...], changes: dict[Key, Any]
+) -> None:
+    """Compare what the output holds (re-read header-first) with the plan: every tensor, its shape and dtype.
 
-    def planned(key: str) -> Segment:
-        c = resampled.changes[(name, key)]
-        size = nbytes(c.new_shape, c.dtype)
-        return Segment(key, c.dtype, c.new_shape, size, tensor=lambda: resampled.get((name, key)))
+    Raises:
+        InternalError: they differ.
+    """
+    from .keymaps import TensorInfo
 
-    segments: list[Segment] = []
-    src_fd = os.open(ckpt.path, os.O_RDONLY)
-    try:
-        if isinstance(ckpt, SafetensorsCheckpoint):
-            for key, e in sorted(ckpt.entries.items(), key=lambda kv: kv[1].start):
-                info = ckpt.state_dicts[ROOT][key]
-                if (ROOT, key) in resampled.changes:
-                    segments.append(planned(key))
-                else:
-                    segments.append(Segment(key, info.dtype, info.shape, e.end - e.start, copy_from=(src_fd, e.start)))
-        elif isinstance(ckpt, TorchCheckpoint):
-            ranges = ckpt.file_ranges(name)
-            for key, info in ckpt.state_dicts[name].items():
-                if (name, key) in resampled.changes:
-                    segments.append(planned(key))
-                elif key in ranges:
-                    segments.append(
-                        Segment(key, info.dtype, info.shape, ranges[key][1], copy_from=(src_fd, ranges[key][0]))
-                    )
-                else:
-                    segments.append(_tensor_segment(ckpt, name, key))
-        else:  # any other reader (.npz): one flat state dict, each tensor read when written
-            for key in ckpt.state_dicts[name]:
-                segments.append(planned(key) if (name, key) in resampled.changes else _tensor_segment(ckpt, name, key))
-        metadata = {"format": "pt", **ckpt.metadata, **_provenance(plan)}
-        written = write_safetensors(tmp, segments, metadata, progress)
-    finally:
-        os.close(src_fd)
-    _, entries, _ = read_header(tmp)
-    got = {k: (e.shape, e.dtype) for k, e in entries.items()}
-    want = {s.name: (s.shape, TORCH_TO_ST[s.dtype]) for s in segments}
-    if got != want:
-        raise VitresizeError(f"internal check failed: {tmp} does not hold the planned tensors (a vitresize bug)")
-    return written
+    def planned(sd: str) -> dict[str, TensorInfo]:
+        infos = ckpt.state_dicts[sd]
+        return {
+            k: TensorInfo(changes[(sd, k)].new_shape, info.dtype) if (sd, k) in changes else info
+            for k, info in infos.items()
+        }
 
-
-def _tensor_segment(ckpt: Checkpoint, name: str, key: str) -> Segment:
-    """A tensor written from its data (read when the writer gets to it), not copied as a byte range."""
-    from .formats.safetensors import Segment
-
-    info = ckpt.state_dicts[name][key]
-    return Segment(key, info.dtype, info.shape, nbytes(info.shape, info.dtype), tensor=lambda: ckpt.tensor(name, key))
-
-
-def _write_torch(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, progress: Progress | None) -> int:
-    from .formats.safetensors import SafetensorsCheckpoint
-    from .formats.torch_pickle import TorchCheckpoint, iter_state_dicts, load_container, replace_tensors, save_container
-
-    if isinstance(ckpt, TorchCheckpoint):
-        by_sd: dict[str, dict[str, torch.Tensor]] = {}
-        for (sd, key), t in repl.items():
-            by_sd.setdefault(sd, {})[key] = t
-        # One new dict per state dict, whatever the paths to it: an aliased one ({"model": sd, "ema": sd}) stays one.
-        container = replace_tensors(ckpt.container, {ckpt.path_of(sd): ts for sd, ts in by_sd.items()})
-    elif isinstance(ckpt, SafetensorsCheckpoint):
-        container = OrderedDict(
-            (k, repl[(ROOT, k)] if (ROOT, k) in repl else ckpt.mapped_tensor(k)) for k in ckpt.entries
-        )
-    else:  # any other reader (.npz): one flat state dict
-        container = OrderedDict(
-            (k, repl[(ROOT, k)] if (ROOT, k) in repl else ckpt.tensor(ROOT, k)) for k in ckpt.state_dicts[ROOT]
-        )
-    save_container(container, tmp, progress, sources=(ckpt.path,))
-    # Re-read what was written (mmap: headers and shapes only) and check it against the plan.
-    got = {
-        "/".join(p): {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
-        for p, sd in iter_state_dicts(load_container(tmp, mmap=True))
-    }
-    want = {
-        name: {k: tuple(repl[(name, k)].shape) if (name, k) in repl else info.shape for k, info in infos.items()}
-        for name, infos in ckpt.state_dicts.items()
-    }
-    if got != want:
-        raise VitresizeError(f"internal check failed: {tmp} does not hold the planned tensors (a vitresize bug)")
-    return tmp.stat().st_size
-
-
-def _write_npz(ckpt: Checkpoint, repl: dict[Key, torch.Tensor], tmp: Path, progress: Progress | None) -> int:
-    from .formats.npz import NpzCheckpoint, write_npz
-
-    assert isinstance(ckpt, NpzCheckpoint)  # _destination checked it
-    return write_npz(ckpt, {k: t for (_, k), t in repl.items()}, tmp, progress)
+    want = {sd: planned(sd) for sd in sds} if writer.whole_container else {ROOT: planned(sds[0])}
+    if out.state_dicts != want:
+        raise InternalError(f"{out.path} does not hold the planned tensors")
 
 
 def _report(
     plan: Plan,
     dst: Path,
-    fmt: str,
-    written: int,
+    writer: Writer,
     sds: tuple[str, ...],
     left: list[str],
-    *,
-    dry: bool = False,
+    written: Written | None = None,
     warnings: list[str] | None = None,
     verified: Verification | None = None,
     engine: str | None = None,
 ) -> Report:
-    from .plan import Report
-
     assert plan.checkpoint is not None
     warnings = [*plan.warnings, *(warnings or [])]
-    if fmt == "torch" and "optimizer" in plan.checkpoint.extras and plan.changes:
+    if writer.whole_container and "optimizer" in plan.checkpoint.extras and plan.changes:
         warnings.append(
             "the optimizer state is kept as it is, with moments of the old shapes; start a new optimizer "
             "rather than resuming it from this checkpoint"
@@ -383,55 +273,18 @@ def _report(
     return Report(
         plan=plan,
         dst=dst,
-        dst_format=fmt,
-        dry_run=dry,
-        bytes_written=written,
+        dst_format=writer.format,  # type: ignore[arg-type]
+        dry_run=written is None,
+        bytes_written=written.bytes if written else 0,
         written_state_dicts=sds,
         left_out=tuple(left),
         warnings=tuple(warnings),
         passed_through=tensors - changed,
         verified=verified,
         engine=engine,
+        rewritten=written.rewritten if written else (),
+        copied=written.copied if written else (),
     )
-
-
-def _destination(ckpt: Checkpoint, dst: Path, force: bool) -> str:
-    """The output format (``folder`` for a sharded input), with DST checked for it: neither holding SRC nor
-    inside it, links resolved (DST equal to SRC is an atomic replace with ``force``)."""
-    from .formats.folder import ShardedCheckpoint
-
-    if dst.name in ("", ".", ".."):
-        raise UsageError(f"DST {str(dst)!r} names no file or folder of its own; give it by name (e.g. ../out)")
-    check_apart(ckpt.path, dst)
-    if isinstance(ckpt, ShardedCheckpoint):
-        src = ckpt.path.resolve()
-        for folder in dict.fromkeys(real.parent for real in ckpt.files.values() if src not in real.parents):
-            check_not_holding(folder, dst, f"holds files that {ckpt.path} links to")
-        check_folder_destination(dst, force=force)
-        return "folder"
-    fmt = output_format(dst)
-    if fmt == "npz" and ckpt.format != "npz":
-        raise UsageError(f"a .npz output needs a .npz input (JAX layout); write {ckpt.format} input as .safetensors")
-    check_destination(dst, force=force)
-    return fmt
-
-
-def _raw_output(ckpt: Checkpoint, fmt: str) -> bool:
-    """Whether every changed tensor is written as raw bytes (safetensors), so numpy-held ones will do."""
-    from .formats.folder import ShardedCheckpoint
-
-    if isinstance(ckpt, ShardedCheckpoint):
-        return all(s.format == "safetensors" for s in ckpt.shards.values())
-    return fmt == "safetensors"
-
-
-def dry_run_report(plan: Plan, dst: Path, *, force: bool, select: str | None) -> Report:
-    """Validate the destination and the selection as :func:`execute` would, without reading or writing data."""
-    assert plan.checkpoint is not None
-    fmt = _destination(plan.checkpoint, dst, force)
-    sds, left = ((ROOT,), []) if fmt == "folder" else _select(plan, plan.checkpoint, fmt, select)
-    _check_output_size(plan, plan.checkpoint, fmt, sds[0], dst)
-    return _report(plan, dst, fmt, 0, sds, left, dry=True)
 
 
 def _ticker(progress: Callable[[int, int], None], total: int) -> Progress:
@@ -448,12 +301,12 @@ def _ticker(progress: Callable[[int, int], None], total: int) -> Progress:
     return tick
 
 
-def _io_error(e: OSError, plan: Plan, dst: Path) -> CheckpointFormatError:
+def _io_error(e: OSError, ckpt: Checkpoint, dst: Path) -> CheckpointFormatError:
     """An OS error while writing, as one line naming the file it happened on: DST's temp file, or a source file
     read on the way (a shard, a copied file; where the OS says which)."""
     name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else None
     what = e.strerror or str(e)
-    reads = [plan.src, *getattr(plan.checkpoint, "files", {}).values()]  # a folder's files, hub blobs included
+    reads = [ckpt.path, *ckpt.source_files()]  # a folder's files, hub blobs included
     try:
         source = name is not None and any(Path(name).resolve().is_relative_to(p.resolve()) for p in reads)
     except (OSError, RuntimeError, ValueError):  # a link loop, a name the OS refuses
@@ -469,77 +322,48 @@ def execute(
     *,
     force: bool,
     select: str | None,
+    dry_run: bool = False,
     verify: bool = False,
     fsync: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Resample, write ``dst`` atomically, check the output against the plan; see :func:`vitresize.convert`."""
+    """Resample, write ``dst`` atomically, check the output against the plan; see :func:`vitresize.convert`.
+
+    With ``dry_run``, only the destination, the selection and the output's size are checked.
+    """
     ckpt = plan.checkpoint
-    if ckpt is None:
-        raise ValueError("this plan has no open checkpoint (was it closed?)")
-    fmt = _destination(ckpt, dst, force)
-    resampled = _Resampled(plan, ckpt, torch_free=_raw_output(ckpt, fmt))
-    if fmt == "folder":
-        return _execute_folder(plan, ckpt, resampled, dst, force=force, verify=verify, fsync=fsync, progress=progress)
-    sds, left = _select(plan, ckpt, fmt, select)
-    _check_output_size(plan, ckpt, fmt, sds[0], dst)
+    assert ckpt is not None and not ckpt.closed  # Plan.execute checked it
+    if dst.name in ("", ".", ".."):
+        raise UsageError(f"DST {str(dst)!r} names no file or folder of its own; give it by name (e.g. ../out)")
+    check_apart(ckpt.path, dst)  # neither holding SRC nor inside it, links resolved (DST == SRC: replace with force)
+    writer = writer_for(ckpt, dst)
+    writer.check_source(ckpt)
+    writer.check_destination(ckpt, dst, force=force)
+    sds, left = _select(plan, ckpt, writer, select)
+    if writer.stores_every_element and not plan.allow_large:
+        new = {c.key: c.new_shape for c in plan.changes if c.state_dict == sds[0]}
+        check_output(ckpt.state_dicts[sds[0]], new, ckpt.size_bytes, dst.name)
+    if dry_run:
+        return _report(plan, dst, writer, sds, left)
+    resampled = _Resampled(plan, ckpt, torch_free=writer.writes_raw(ckpt))
+    t = plan.models[0].target
+    job = WriteJob(
+        ckpt,
+        sds,
+        resampled.replacements(sds),
+        _provenance(plan),
+        geometry=(t.img_size, t.patch) if plan.changes else None,
+    )
     verified = None
-    tick = _ticker(progress, ckpt.path.stat().st_size) if progress else None
+    tick = _ticker(progress, ckpt.size_bytes) if progress else None
     try:
-        with atomic_path(dst, force=force, fsync=fsync, mode=ckpt.path.stat().st_mode) as tmp:
-            if fmt == "safetensors":
-                written = _write_safetensors(plan, ckpt, sds[0], resampled, tmp, tick)
-            elif fmt == "npz":
-                written = _write_npz(ckpt, resampled(), tmp, tick)
-            else:
-                written = _write_torch(ckpt, resampled(), tmp, tick)
-            if verify:
-                verified = verify_output(ckpt, tmp, fmt, sds, set(resampled.changes))
+        with writer.atomic(ckpt, dst, force=force, fsync=fsync) as tmp:
+            written = writer.write(tmp, job, tick)
+            with open_file(tmp) as out:
+                _check_written(ckpt, out, writer, sds, resampled.changes)
+                if verify:
+                    verified = verify_output(ckpt, out, writer.whole_container, sds, set(resampled.changes))
     except OSError as e:
-        raise _io_error(e, plan, dst) from None
+        raise _io_error(e, ckpt, dst) from None
     resampled()  # a no-op unless nothing was written from it (e.g. only another state dict changed)
-    return _report(
-        plan, dst, fmt, written, sds, left, warnings=resampled.warnings, verified=verified, engine=resampled.engine
-    )
-
-
-def _execute_folder(
-    plan: Plan,
-    ckpt: Checkpoint,
-    resampled: _Resampled,
-    dst: Path,
-    *,
-    force: bool,
-    verify: bool,
-    fsync: bool,
-    progress: Callable[[int, int], None] | None,
-) -> Report:
-    from ._execute_folder import write_folder
-    from .formats.folder import ShardedCheckpoint
-
-    assert isinstance(ckpt, ShardedCheckpoint)
-    size = sum(s.path.stat().st_size for s in ckpt.shards.values())
-    tick = _ticker(progress, size) if progress else None
-    try:
-        written, rewritten, copied, verified = write_folder(
-            plan, ckpt, resampled, dst, force=force, verify=verify, fsync=fsync, progress=tick
-        )
-    except OSError as e:
-        raise _io_error(e, plan, dst) from None
-    resampled()
-    left = [
-        f"{name} (another copy of the weights; only {next(iter(ckpt.shards))} was converted)"
-        for name in ckpt.duplicates
-    ]
-    rep = _report(
-        plan,
-        dst,
-        "folder",
-        written,
-        (ROOT,),
-        left,
-        warnings=resampled.warnings,
-        verified=verified,
-        engine=resampled.engine,
-    )
-    return dataclasses.replace(rep, rewritten=tuple(rewritten), copied=tuple(copied))
+    return _report(plan, dst, writer, sds, left, written, resampled.warnings, verified, resampled.engine)

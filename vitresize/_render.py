@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .plan import Embedding, Inspection, Report
+from .plans import Embedding
+from .report import Inspection, Report
 from .resample.geometry import format_size
 
 __all__ = [
@@ -156,28 +157,43 @@ def line_out(text: str) -> None:
         sys.stdout.flush()
 
 
+def _cli(message: str) -> str:
+    """A message as the command line says it: a :class:`~vitresize.errors.Message` names parameters by flag."""
+    return getattr(message, "cli", message)
+
+
+def _cli_values(data: Any) -> Any:
+    """``data`` with every :class:`~vitresize.errors.Message` in it as the command line says it."""
+    if isinstance(data, dict):
+        return {k: _cli_values(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_cli_values(v) for v in data]
+    return _cli(data) if isinstance(data, str) else data
+
+
 def json_out(data: dict[str, Any]) -> None:
-    """One compact JSON object on stdout (``json.dumps`` escapes every control character).
+    """One compact JSON object on stdout (``json.dumps`` escapes every control character); messages in it
+    name the command line's flags.
 
     Raises:
         StdoutError: stdout is closed or broken.
     """
     with _stdout():
-        sys.stdout.write(json.dumps(data, separators=(",", ":")) + "\n")
+        sys.stdout.write(json.dumps(_cli_values(data), separators=(",", ":")) + "\n")
         sys.stdout.flush()
 
 
 def error(message: str) -> None:
     """One ``Error:`` line on stderr (never wrapped, user text escaped)."""
-    _say(f"[bold red]Error:[/] {_markup(message)}")
+    _say(f"[bold red]Error:[/] {_markup(_cli(message))}")
 
 
 def warning(message: str) -> None:
-    _say(f"[yellow]Warning:[/] {_markup(message)}")
+    _say(f"[yellow]Warning:[/] {_markup(_cli(message))}")
 
 
 def info(message: str) -> None:
-    _say(f"[dim]{_markup(message)}[/]")
+    _say(f"[dim]{_markup(_cli(message))}[/]")
 
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024

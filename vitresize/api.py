@@ -11,35 +11,25 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import CheckpointFormatError, DeviceError, GeometryError, NoViTFoundError, UsageError
+from .budgets import check_plan
+from .errors import CheckpointFormatError, DeviceError, GeometryError, Message, NoViTFoundError, UsageError, param
 from .formats import Checkpoint, open_checkpoint
-from .formats._dtypes import nbytes
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
 from .keymaps.base import kernel_shape, kernel_size, pos_rows, pos_shape, token_rows
-from .plan import (
-    LARGE_FLOOR,
-    LARGE_RATIO,
-    MEMORY_CAP,
-    Embedding,
-    Inspection,
-    ModelPlan,
-    Plan,
-    Report,
-    StateDictSummary,
-    TensorChange,
-    format_bytes,
-)
-from .resample.conventions import PATCH_METHODS, RESAMPLED_DTYPES, Convention, resolve_conventions
-from .resample.geometry import Geometry, Size, format_size, infer_source_grid, parse_size, resolve_target
+from .options import Family, Options, Target, resolve
+from .plans import Embedding, ModelPlan, Plan, TensorChange
+from .report import Inspection, Report, StateDictSummary
+from .resample.conventions import RESAMPLED_DTYPES, resolve_conventions
+from .resample.geometry import Geometry, Size, format_size, infer_source_grid, resolve_target
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .options import OptionsFields, SizeLike
 
 __all__ = ["convert", "inspect", "plan"]
-
-SizeArg = str | int | tuple[int, int] | None
-
-
-def _opt_size(value: SizeArg, option: str) -> Size | None:
-    return None if value is None else parse_size(value, option=option)
 
 
 _CLS = ("cls_token", "class_token", "class_embedding", "cls")
@@ -124,21 +114,22 @@ def _embeddings(
                     if stride is None:
                         notes.append(
                             f"{_stem_text(f, kernel)}, which the weights do not state (image sizes shown are the "
-                            f"grid times the kernel); pass --from-img-size (the image size the checkpoint was "
-                            f"trained at) to convert with --img-size, or give the target as --grid HxW"
+                            f"grid times the kernel); pass {param('from_img_size')} (the image size the checkpoint "
+                            f"was trained at) to convert with {param('img_size')}, or give the target as "
+                            f"{param('grid')} HxW"
                         )
                 if rows == 0 and f.token_rows and how == "tokens":
                     tokens = ", ".join(k[len(f.prefix) :] for k in f.token_keys)
                     notes.append(
                         f"{f.pos_key} has no rows for {tokens} (timm no_embed_class): its {num_rows} rows were "
                         f"read as a {format_size(grid)} grid; if it is a non-square grid with prefix rows, "
-                        f"pass --from-img-size HxW"
+                        f"pass {param('from_img_size')} HxW"
                     )
             except GeometryError as e:
                 if strict:
-                    raise GeometryError(f"{ckpt.path}: {e}") from None
+                    raise GeometryError(f"{ckpt.path}: {e.message.raw}") from None
                 source = None
-                notes.append(str(e))
+                notes.append(e.message.raw)
             out.append(
                 Embedding(
                     state_dict=sd_name,
@@ -153,8 +144,8 @@ def _embeddings(
                     prefix_keys=f.token_keys,
                     prefix_rows=rows,
                     source=source,
-                    geometry_from=how,
-                    note="; ".join(notes) or None,
+                    geometry_from=Message(how),
+                    note=Message("; ".join(notes)) if notes else None,
                     native_method=f.native_method(tensors),
                     position_ids_key=_position_ids(f, tensors),
                     stem=f.stem,
@@ -164,7 +155,7 @@ def _embeddings(
     if not out and strict:
         looked = "; ".join(f"{km.pos_embed} + {km.patch_embed} ({name})" for name, km in KEYMAPS.items())
         detail = f" ({misses[0]})" if misses else ""
-        fam = "" if family == "auto" else f" of family {family!r} (try --family auto)"
+        fam = "" if family == "auto" else f" of family {family!r} (try {param('family')} auto)"
         raise NoViTFoundError(
             f"no ViT position embedding{fam} found in {ckpt.path}{detail}; looked for {looked}. "
             f"Is this a ViT checkpoint of a supported family?"
@@ -202,7 +193,7 @@ def _stem_geometry(
     Raises:
         GeometryError: ``--from-img-size`` is given and no stride fits it to the table's rows.
     """
-    img_from = "config.json" if img_from_config else "--from-img-size"
+    img_from = "config.json" if img_from_config else param("from_img_size")
     if from_grid is None and img is not None:
         for p in f.prefix_candidates():
             s = _stride(img, num_rows - p)
@@ -211,7 +202,7 @@ def _stem_geometry(
         if not img_from_config:
             raise GeometryError(
                 f"{f.pos_key} has {num_rows} rows, which no stride makes from a {format_size(img)} image "
-                f"({_stem_text(f, kernel)}); check --from-img-size, or give --from-grid HxW"
+                f"({_stem_text(f, kernel)}); check {param('from_img_size')}, or give {param('from_grid')} HxW"
             )
     grid, rows, how = infer_source_grid(
         num_rows=num_rows,
@@ -235,13 +226,15 @@ def _check_stems(embeddings: list[Embedding], img: Size | None, patch: Size | No
         text = f"{e.patch_key} ({format_size(e.kernel)}) is not the patch of a model with {e.stem}"
         if patch is not None and (not e.stride_known or patch != e.source.patch):
             raise UsageError(
-                f"--patch cannot change the patch of {e.pos_key}'s model: {text}; its patch is the stem's stride, "
-                f"which resizing the kernel does not change; give the target as --img-size or --grid"
+                f"{param('patch')} cannot change the patch of {e.pos_key}'s model: {text}; its patch is the stem's "
+                f"stride, which resizing the kernel does not change; give the target as {param('img_size')} or "
+                f"{param('grid')}"
             )
         if img is not None and not e.stride_known:
             raise UsageError(
-                f"--img-size needs the stride of {e.pos_key}'s model: {text}, and its stride is not in the weights; "
-                f"pass --from-img-size (the image size it was trained at, e.g. 224), or give the target as --grid HxW"
+                f"{param('img_size')} needs the stride of {e.pos_key}'s model: {text}, and its stride is not in the "
+                f"weights; pass {param('from_img_size')} (the image size it was trained at, e.g. 224), or give the "
+                f"target as {param('grid')} HxW"
             )
 
 
@@ -279,22 +272,13 @@ def _check_config_can_say(ckpt: Checkpoint, models: tuple[ModelPlan, ...], *, fo
         if m.embedding.family == "hf-clip" and (img[0] != img[1] or m.target.patch[0] != m.target.patch[1]):
             raise UsageError(
                 f"Hugging Face CLIP/SigLIP models take one square image_size and patch_size, so {sc.path} "
-                f"cannot say {format_size(img)}; choose a square --img-size (or convert the weights file alone "
-                f"and resample at run time with interpolate_pos_encoding=True)"
+                f"cannot say {format_size(img)}; choose a square {param('img_size')} (or convert the weights file "
+                f"alone and resample at run time with interpolate_pos_encoding=True)"
             )
 
 
 def _list(size: Size | None) -> list[int] | None:
     return None if size is None else [size[0], size[1]]
-
-
-def _size_of(ckpt: Checkpoint) -> int:
-    """Bytes of a file, or of the files of a model folder (as its scan found them: links counted as their files)."""
-    from .formats.folder import ShardedCheckpoint
-
-    if isinstance(ckpt, ShardedCheckpoint):
-        return ckpt.size_bytes
-    return ckpt.path.stat().st_size
 
 
 def _position_ids(f: Found, tensors: dict[str, TensorInfo]) -> str | None:
@@ -309,19 +293,18 @@ def _position_ids(f: Found, tensors: dict[str, TensorInfo]) -> str | None:
 
 
 def _check_device(device: str) -> None:
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device {device!r} is not cpu, cuda or cuda:N")
+    """Whether the CUDA device asked for is there (:class:`Options` checked the spelling)."""
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise DeviceError(
-                f"--device {device} was requested but CUDA is not available to torch {torch.__version__}; "
-                "use --device cpu"
+                f"{param('device')} {device} was requested but CUDA is not available to torch {torch.__version__}; "
+                f"use {param('device')} cpu"
             )
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise DeviceError(f"{param('device')} {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
 def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) -> list[TensorChange]:
@@ -381,106 +364,40 @@ def _check_dtypes(changes: tuple[TensorChange, ...]) -> None:
             )
 
 
-def _target_text(img: Size | None, patch: Size | None, grid: Size | None) -> str:
-    """The target options as given, for messages: ``--img-size 384 --patch 16``."""
-    given = (("--img-size", img), ("--patch", patch), ("--grid", grid))
-    return " ".join(f"{opt} {v[0] if v[0] == v[1] else format_size(v)}" for opt, v in given if v is not None)
-
-
-def _working_bytes(c: TensorChange, m: ModelPlan | None, pos_conv: Convention, patch_method: str) -> int:
-    """Memory the resampling of ``c`` needs beside its result: float32 (float64) copies, the PI-resize matrix."""
-    old, new = math.prod(c.old_shape), math.prod(c.new_shape)
-    if c.op == "pos_embed":  # the grid in the working dtype, interpolated, permuted, cast back, concatenated
-        return (8 if pos_conv.float64 else 4) * (old + 3 * new) + nbytes(c.new_shape, c.dtype)
-    if c.op != "patch_embed" or m is None:
-        return 0
-    copies = 4 * (old + 2 * new)  # the kernel in float32, the product, its reshape
-    if patch_method != "pi":
-        return copies
-    n_old, n_new = math.prod(m.source.patch), math.prod(m.target.patch)
-    # eye(n_old) as n_old images, their resize (B), pinv(B) and the SVD's factors: n_old^2 + about 5 B-sized
-    return copies + 4 * (n_old * n_old + 5 * n_new * n_old)
-
-
-def _check_budget(
-    models: tuple[ModelPlan, ...],
-    changes: tuple[TensorChange, ...],
-    src_bytes: int,
-    target: str,
-    pos_conv: Convention,
-    patch_method: str,
-) -> None:
-    """Refuse a target whose output or memory would be far over any real ViT's (see :func:`plan`)."""
-    if not changes:
-        return
-    owner = {(m.embedding.state_dict, k): m for m in models for k in (m.embedding.pos_key, m.embedding.patch_key)}
-    new = [nbytes(c.new_shape, c.dtype) for c in changes]
-    out = src_bytes + sum(new) - sum(nbytes(c.old_shape, c.dtype) for c in changes)
-    big = max(range(len(changes)), key=lambda i: new[i])
-    c = changes[big]
-    if out > max(LARGE_RATIO * src_bytes, LARGE_FLOOR):
-        raise UsageError(
-            f"{target} would make {c.key} {list(c.new_shape)} ({format_bytes(new[big])}; the output "
-            f"{format_bytes(out)}, {out // max(src_bytes, 1)}x the source's {format_bytes(src_bytes)}); "
-            f"pass --allow-large if you mean it"
-        )
-    work = [_working_bytes(c, owner.get((c.state_dict, c.key)), pos_conv, patch_method) for c in changes]
-    need = sum(new) + max(work)
-    if need > MEMORY_CAP:
-        worst = changes[max(range(len(changes)), key=lambda i: work[i])]
-        raise UsageError(
-            f"{target} would need about {format_bytes(need)} of memory to resample {worst.key} "
-            f"{list(worst.old_shape)} -> {list(worst.new_shape)}, over the {format_bytes(MEMORY_CAP)} cap; "
-            f"choose a smaller target, or pass --allow-large if you mean it (and have the memory)"
-        )
-
-
 def plan(
     src: str | os.PathLike[str],
-    *,
-    img_size: SizeArg = None,
-    patch: SizeArg = None,
-    grid: SizeArg = None,
-    from_img_size: SizeArg = None,
-    from_grid: SizeArg = None,
-    family: str = "auto",
-    method: str = "native",
-    interpolation: str | None = None,
-    antialias: bool | None = None,
-    patch_method: str = "pi",
-    device: str = "cpu",
-    allow_large: bool = False,
+    target: Target | None = None,
+    options: Options | None = None,
+    **fields: Unpack[OptionsFields],
 ) -> Plan:
     """Work out a conversion from the file's shapes alone (no tensor data is read).
+
+    The target and options are given as objects, or as keyword arguments named as their fields:
+    ``plan("vit.pth", img_size=384)`` is ``plan("vit.pth", Target(img_size=384))``.
 
     A model whose patch kernel follows a stem (a hybrid's CNN under ``patch_embed.backbone``, Hiera's strided
     conv) has the stem's stride as its patch, which the weights do not state: ``from_img_size`` (or a
     config.json) gives it, ``img_size`` needs it, ``patch`` is refused, and ``grid`` works without it.
 
     Budgets, checked before anything is read or allocated (``allow_large=True`` lifts them): the output may be
-    at most :data:`~vitresize.plan.LARGE_RATIO` (10) times the source's size once it is over
-    :data:`~vitresize.plan.LARGE_FLOOR` (16 MiB), and the resampled tensors plus the resampling's working
-    memory at most :data:`~vitresize.plan.MEMORY_CAP` (4 GiB).
+    at most :data:`~vitresize.budgets.LARGE_RATIO` (10) times the source's size once it is over
+    :data:`~vitresize.budgets.LARGE_FLOOR` (16 MiB), and the resampled tensors plus the resampling's working
+    memory at most :data:`~vitresize.budgets.MEMORY_CAP` (4 GiB).
 
     Args:
-        src: the checkpoint (.pth/.pt/.bin or .safetensors; the format is read from the content).
-        img_size: target image size, ``384`` or ``"384x512"`` (height x width).
-        patch: target patch size; alone, it keeps the source image size.
-        grid: target patch grid, instead of ``img_size``.
-        from_img_size: the source image size, for sources whose grid is not square.
-        from_grid: the source grid, instead of ``from_img_size``.
-        family: ``"auto"`` or a key-map family (``"timm"``, ``"torchvision"``).
-        method: ``"native"`` (the family's own library), ``"timm"``, ``"torchvision"`` or ``"deit"``.
-        interpolation: override the interpolation mode (position table and patch-resize basis).
-        antialias: override antialiasing (position table and patch-resize basis).
-        patch_method: ``"pi"`` (FlexiViT pseudo-inverse) or ``"interp"`` (plain kernel interpolation).
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, where the resampling runs.
-        allow_large: lift the size and memory budgets above.
+        src: the checkpoint (.pth/.pt/.bin, .safetensors, .npz, or a model folder; the format is read from the
+            content).
+        target: the geometry to convert to (:class:`~vitresize.options.Target`: ``img_size``, ``patch``,
+            ``grid``, and ``from_img_size`` / ``from_grid`` for the source's).
+        options: how to find and resample the ViT (:class:`~vitresize.options.Options`: ``family``, ``method``,
+            ``interpolation``, ``antialias``, ``patch_method``, ``device``, ``allow_large``).
+        **fields: the fields of ``target`` and ``options`` instead.
 
     Returns:
         A :class:`Plan` holding the opened source; close it (or use ``with``) when done.
 
     Raises:
+        TypeError: an unknown keyword, or a field given both ways.
         UsageError: contradictory or invalid options, a stem's unknown stride, a target over the budgets
             (exit code 2 in the CLI).
         CheckpointFormatError: a table or kernel to resample is not float16, bfloat16, float32 or float64.
@@ -491,50 +408,32 @@ def plan(
         ...     print([(c.key, c.new_shape) for c in p.changes])
         ...     p.execute("vit_384.safetensors")
     """
-    target_img, target_patch, target_grid = (
-        _opt_size(img_size, "--img-size"),
-        _opt_size(patch, "--patch"),
-        _opt_size(grid, "--grid"),
-    )
-    src_img, src_grid = _opt_size(from_img_size, "--from-img-size"), _opt_size(from_grid, "--from-grid")
-    if target_grid is not None and target_img is not None:
-        raise UsageError("give either --grid or --img-size, not both (the grid is img-size / patch)")
-    if target_img is None and target_patch is None and target_grid is None:
-        raise UsageError("no target given; pass --img-size, --patch or --grid")
-    if src_img is not None and src_grid is not None:
-        raise UsageError("give either --from-grid or --from-img-size, not both")
-    if patch_method not in PATCH_METHODS:
-        raise UsageError(f"--patch-method {patch_method!r} is not one of {', '.join(PATCH_METHODS)}")
-    if family != "auto" and family not in KEYMAPS:
-        raise UsageError(f"--family {family!r} is not one of auto, {', '.join(KEYMAPS)}")
-    native = KEYMAPS[family].native_method if family in KEYMAPS else "timm"
-    resolve_conventions(method, native=native, interpolation=interpolation, antialias=antialias)
-    _check_device(device)
+    target, options = resolve(target, options, dict(fields))
+    if target.is_empty:
+        raise UsageError(f"no target given; pass {param('img_size')}, {param('patch')} or {param('grid')}")
+    _check_device(options.device)
+    family, method = options.family, options.method
+    interpolation, antialias, patch_method = options.interpolation, options.antialias, options.patch_method
 
     ckpt = open_checkpoint(src)
     try:
-        embeddings = _embeddings(ckpt, family, from_grid=src_grid, from_img_size=src_img, strict=True)
-        _check_stems(embeddings, target_img, target_patch)
+        embeddings = _embeddings(
+            ckpt, family, from_grid=target.from_grid, from_img_size=target.from_img_size, strict=True
+        )
+        _check_stems(embeddings, target.img_size, target.patch)
         name, pos_conv, basis = resolve_conventions(
             method, native=embeddings[0].native_method, interpolation=interpolation, antialias=antialias
         )
         models = tuple(
-            ModelPlan(e, resolve_target(e.source, img_size=target_img, patch=target_patch, grid=target_grid))
+            ModelPlan(e, resolve_target(e.source, img_size=target.img_size, patch=target.patch, grid=target.grid))
             for e in embeddings
             if e.source is not None
         )
         changes = tuple(c for m in models for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], patch_method))
         _check_dtypes(changes)
         _check_config_can_say(ckpt, models, folder=Path(src).is_dir())
-        if not allow_large:
-            _check_budget(
-                models,
-                changes,
-                _size_of(ckpt),
-                _target_text(target_img, target_patch, target_grid),
-                pos_conv,
-                patch_method,
-            )
+        if not options.allow_large:
+            check_plan(models, changes, ckpt.size_bytes, target.describe(), pos_conv, patch_method)
         warnings = list(dict.fromkeys(e.note for e in embeddings if e.note))
         sc = ckpt.sidecar
         if sc is not None and changes and not Path(src).is_dir():
@@ -557,17 +456,16 @@ def plan(
         return Plan(
             src=Path(src),
             src_format=ckpt.format,
+            target=target,
+            options=options,
             method=name,
             pos_convention=pos_conv,
             patch_convention=basis,
-            patch_method=patch_method,
-            device=device,
             models=models,
             changes=changes,
             num_tensors=sum(len(ckpt.state_dicts[s]) for s in dict.fromkeys(m.embedding.state_dict for m in models)),
             warnings=tuple(warnings),
             checkpoint=ckpt,
-            allow_large=allow_large,
         )
     except BaseException:
         ckpt.close()
@@ -577,6 +475,8 @@ def plan(
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
+    target: Target | None = None,
+    options: Options | None = None,
     *,
     force: bool = False,
     dry_run: bool = False,
@@ -584,29 +484,21 @@ def convert(
     verify: bool = False,
     fsync: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    img_size: SizeArg = None,
-    patch: SizeArg = None,
-    grid: SizeArg = None,
-    from_img_size: SizeArg = None,
-    from_grid: SizeArg = None,
-    family: str = "auto",
-    method: str = "native",
-    interpolation: str | None = None,
-    antialias: bool | None = None,
-    patch_method: str = "pi",
-    device: str = "cpu",
-    allow_large: bool = False,
+    **fields: Unpack[OptionsFields],
 ) -> Report:
     """Move a ViT checkpoint to a new image size and/or patch size, writing ``dst`` atomically.
 
     Only the position tables and patch kernels change; every other tensor is written byte for byte.
     The output format follows ``dst``'s extension: a ``.pth`` keeps the whole container (every state dict
     converted), a ``.safetensors`` holds one state dict (``select`` names it; the default is the non-EMA
-    model) and the report lists what was left out. See :func:`plan` for the geometry options.
+    model) and the report lists what was left out; a model folder is written as a folder. See :func:`plan`
+    for ``target``, ``options`` and the keyword arguments that stand for them.
 
     Args:
         src: the checkpoint to read; it is never modified.
-        dst: the file to write (``.safetensors`` or ``.pth/.pt/.bin``).
+        dst: the file to write (``.safetensors``, ``.pth/.pt/.bin`` or ``.npz``), or the folder.
+        target: the geometry to convert to (or its fields as keyword arguments).
+        options: how to find and resample the ViT (or its fields as keyword arguments).
         force: overwrite ``dst`` if it exists (``dst`` may be ``src``).
         dry_run: plan and validate only; nothing is read beyond headers, nothing is written.
         select: which state dict of a container goes into a ``.safetensors`` output (e.g. ``"model_ema"``).
@@ -615,8 +507,8 @@ def convert(
         fsync: flush the output to disk before returning (survives a power loss; costs about a copy's time).
         progress: called as ``progress(bytes_done, bytes_total)`` while writing (from the writer's threads;
             the total is an estimate, the input's size, until the end).
-        allow_large: lift the size and memory budgets (see :func:`plan`), also the one on a ``.safetensors``
-            output, which stores in full a broadcast tensor that a ``.pth`` holds in a few bytes.
+        **fields: the fields of ``target`` and ``options``; ``allow_large`` also lifts the budget on a
+            ``.safetensors`` output, which stores in full a broadcast tensor that a ``.pth`` holds in a few bytes.
 
     Returns:
         A :class:`Report`.
@@ -626,51 +518,40 @@ def convert(
         >>> [c.key for c in report.plan.changes]  # doctest: +SKIP
         ['pos_embed']
     """
-    with plan(
-        src,
-        img_size=img_size,
-        patch=patch,
-        grid=grid,
-        from_img_size=from_img_size,
-        from_grid=from_grid,
-        family=family,
-        method=method,
-        interpolation=interpolation,
-        antialias=antialias,
-        patch_method=patch_method,
-        device=device,
-        allow_large=allow_large,
-    ) as p:
-        if dry_run:
-            from ._execute import dry_run_report
-
-            return dry_run_report(p, Path(dst), force=force, select=select)
-        return p.execute(dst, force=force, select=select, verify=verify, fsync=fsync, progress=progress)
+    with plan(src, target, options, **fields) as p:
+        return p.execute(
+            dst, force=force, dry_run=dry_run, select=select, verify=verify, fsync=fsync, progress=progress
+        )
 
 
 def inspect(
     src: str | os.PathLike[str],
     *,
-    family: str = "auto",
-    from_img_size: SizeArg = None,
-    from_grid: SizeArg = None,
+    family: Family = "auto",
+    from_img_size: SizeLike | None = None,
+    from_grid: SizeLike | None = None,
 ) -> Inspection:
     """Describe a checkpoint: format, nesting, tensor counts, and every ViT's embeddings and geometry.
 
     A grid that cannot be inferred is reported (``Embedding.note``), not raised.
+
+    Args:
+        src: the checkpoint file or model folder.
+        family: ``"auto"`` or the checkpoint family to look for.
+        from_img_size: the image size the checkpoint was trained at, where the weights cannot tell.
+        from_grid: the source's patch grid, instead of ``from_img_size``.
 
     Example:
         >>> info = vitresize.inspect("vit.pth")  # doctest: +SKIP
         >>> info.embeddings[0].source.img_size  # doctest: +SKIP
         (224, 224)
     """
-    if family != "auto" and family not in KEYMAPS:
-        raise UsageError(f"--family {family!r} is not one of auto, {', '.join(KEYMAPS)}")
-    src_img, src_grid = _opt_size(from_img_size, "--from-img-size"), _opt_size(from_grid, "--from-grid")
-    if src_img is not None and src_grid is not None:
-        raise UsageError("give either --from-grid or --from-img-size, not both")
+    options = Options(family=family)
+    target = Target(from_img_size=from_img_size, from_grid=from_grid)
     with open_checkpoint(src) as ckpt:
-        embeddings = _embeddings(ckpt, family, from_grid=src_grid, from_img_size=src_img, strict=False)
+        embeddings = _embeddings(
+            ckpt, options.family, from_grid=target.from_grid, from_img_size=target.from_img_size, strict=False
+        )
         warnings = [] if embeddings else [f"no ViT position embedding of a supported family found in {src}"]
         checked = []
         for e in embeddings:
@@ -694,7 +575,7 @@ def inspect(
         return Inspection(
             path=Path(src),
             format=ckpt.format,
-            size_bytes=_size_of(ckpt),
+            size_bytes=ckpt.size_bytes,
             config=config,
             metadata=dict(ckpt.metadata),
             state_dicts=tuple(summaries),

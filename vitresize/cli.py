@@ -23,9 +23,9 @@ import typer
 
 from . import _render
 from ._version import __version__
-from .errors import VitresizeError
+from .errors import UsageError, VitresizeError
 from .keymaps import KEYMAPS
-from .resample.conventions import METHODS
+from .resample.conventions import METHODS, Convention
 
 __all__ = ["app", "main"]
 
@@ -34,6 +34,28 @@ EPILOG = (
     "143 terminated (SIGTERM). "
     "Set VITRESIZE_DEBUG=1 to see tracebacks."
 )
+
+
+def _methods_epilog() -> str:
+    """What each ``--method`` means, one line per convention (the README has the full table)."""
+    groups: dict[Convention, list[str]] = {}
+    for name, conv in METHODS.items():
+        groups.setdefault(conv, []).append(name)
+    lines = ["  native: the family's own (the default)"]
+    lines += [f"  {', '.join(names)}: {conv.describe()}" for conv, names in groups.items()]
+    return "Methods (--method; the README has the full table):\n" + "\n".join(lines)
+
+
+def _examples(*lines: str) -> str:
+    return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _hide_flag_types(command: Any, ctx: Any) -> None:
+    """No ``<bool>`` after a flag in rich help (Typer prints the type of every option there, flags included):
+    an empty metavar, set just before rendering so that --help and the completion options get it too."""
+    for param in command.get_params(ctx):
+        if isinstance(param, typer.core.TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
 
 
 def _usage_error(e: Exception, group: typer.core.TyperGroup, args: Sequence[str]) -> str:
@@ -76,6 +98,31 @@ class _Group(typer.core.TyperGroup):
             sys.exit(exit_code)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class _Command(typer.core.TyperCommand):
+    """Typer's command, with ``Usage: vitresize convert [OPTIONS] SRC DST`` (Typer writes ``{SRC} {DST}``)
+    and no ``<bool>`` after flags in its help."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [p[1:-1] if p[:1] == "{" and p[-1:] == "}" else p for p in super().collect_usage_pieces(ctx)]
+
+    def format_epilog(self, ctx: Any, formatter: Any) -> None:
+        """Without rich (``TYPER_USE_RICH=0``) Click rewraps paragraphs: mark those of several lines (examples,
+        methods) to be kept as written, as rich keeps them."""
+        if self.epilog:
+            paragraphs = [f"\b\n{p}" if "\n" in p else p for p in self.epilog.split("\n\n")]
+            formatter.write_paragraph()
+            with formatter.indentation():
+                formatter.write_text("\n\n".join(paragraphs))
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
 
 app = typer.Typer(
     name="vitresize",
@@ -83,7 +130,8 @@ app = typer.Typer(
     help="Move a pretrained Vision Transformer checkpoint to a new input resolution or patch size.",
     epilog=EPILOG,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion; _VITRESIZE_COMPLETE=complete_bash ...
+    rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -115,47 +163,61 @@ OUT = "Output"
 SrcArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint to read: .pth/.pt/.bin, .safetensors, .npz, or a model folder.", show_default=False
+        metavar="SRC", help="Checkpoint: .pth/.pt/.bin, .safetensors, .npz or a model folder.", show_default=False
     ),
 ]
 DstArg = Annotated[
     Path,
     typer.Argument(
-        help="Where to write: .safetensors, .pth/.pt/.bin or .npz; a folder for a folder.", show_default=False
+        metavar="DST", help="Output: .safetensors, .pth/.pt/.bin or .npz; a folder for a folder.", show_default=False
     ),
 ]
 ImgSizeOpt = Annotated[
     str | None,
-    typer.Option("--img-size", help="New image size: N or HxW (grid = img-size / patch).", rich_help_panel=GEOM),
+    typer.Option("--img-size", metavar="N|HxW", help="New image size (grid = img-size / patch).", rich_help_panel=GEOM),
 ]
 PatchOpt = Annotated[
     str | None,
-    typer.Option("--patch", help="New patch size: N or HxW; alone it keeps the image size.", rich_help_panel=GEOM),
+    typer.Option(
+        "--patch", metavar="N|HxW", help="New patch size; alone it keeps the image size.", rich_help_panel=GEOM
+    ),
 ]
 GridOpt = Annotated[
-    str | None, typer.Option("--grid", help="New patch grid HxW, instead of --img-size.", rich_help_panel=GEOM)
+    str | None,
+    typer.Option("--grid", metavar="HxW", help="New patch grid, instead of --img-size.", rich_help_panel=GEOM),
 ]
 FromImgOpt = Annotated[
     str | None,
-    typer.Option("--from-img-size", help="Image size the checkpoint was trained at, HxW.", rich_help_panel=SRC_GEOM),
+    typer.Option(
+        "--from-img-size", metavar="HxW", help="Image size the checkpoint was trained at.", rich_help_panel=SRC_GEOM
+    ),
 ]
 FromGridOpt = Annotated[
-    str | None, typer.Option("--from-grid", help="Patch grid of the checkpoint, HxW.", rich_help_panel=SRC_GEOM)
+    str | None,
+    typer.Option("--from-grid", metavar="HxW", help="Patch grid of the checkpoint.", rich_help_panel=SRC_GEOM),
 ]
-FamilyOpt = Annotated[Family, typer.Option("--family", help="Checkpoint family (auto-detected from key names).")]
+# Long choice lists are spelled out in the help text (--method's in the epilog), not in the metavar: Typer
+# prints them in the type column, which at 80 columns folds them mid-word and squeezes the help column.
+FamilyOpt = Annotated[
+    Family,
+    typer.Option(
+        "--family",
+        metavar="FAMILY",
+        help=f"auto (from key names), {', '.join(KEYMAPS)}.",
+    ),
+]
 MethodOpt = Annotated[
     Method,
-    typer.Option(
-        "--method",
-        help="Interpolation convention: native = the checkpoint library's own (the family's); timm (bicubic, "
-        "antialias); torchvision (bicubic, align_corners); deit and hf (bicubic); big_vision (scipy zoom "
-        "order=1); dinov2 (scale_factor offset 0.1); open_clip, hf-dinov2-reg, dinov2-reg (bicubic, antialias).",
-        rich_help_panel=CONV,
-    ),
+    typer.Option("--method", metavar="METHOD", help="Convention (see Methods).", rich_help_panel=CONV),
 ]
 InterpOpt = Annotated[
     Interpolation | None,
-    typer.Option("--interpolation", help="Override the mode (position table and patch basis).", rich_help_panel=CONV),
+    typer.Option(
+        "--interpolation",
+        metavar="MODE",
+        help=f"Override mode: {', '.join(m.value for m in Interpolation)}.",
+        rich_help_panel=CONV,
+    ),
 ]
 AntialiasOpt = Annotated[
     bool | None,
@@ -165,18 +227,20 @@ PatchMethodOpt = Annotated[
     PatchMethod,
     typer.Option(
         "--patch-method",
-        help="Patch kernel: pi = FlexiViT pseudo-inverse resize; interp = plain interpolation.",
+        metavar="|".join(m.value for m in PatchMethod),
+        help="PI-resize (FlexiViT) or plain interpolation.",
         rich_help_panel=CONV,
     ),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="Where to resample: cpu, cuda or cuda:N.", rich_help_panel=CONV)
+    str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda or cuda:N.", rich_help_panel=CONV)
 ]
 SelectOpt = Annotated[
     str | None,
     typer.Option(
         "--select",
-        help="State dict of a container to write to .safetensors (default: the non-EMA model).",
+        metavar="NAME",
+        help="State dict to write to .safetensors (default: the non-EMA model).",
         rich_help_panel=OUT,
     ),
 ]
@@ -185,29 +249,20 @@ DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", "-n", help="Show what would change; write nothing.", rich_help_panel=OUT)
 ]
 JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.", rich_help_panel=OUT)
+    bool, typer.Option("--json", help="One JSON object on stdout instead of the table.", rich_help_panel=OUT)
 ]
 VerifyOpt = Annotated[
     bool,
-    typer.Option(
-        "--verify",
-        help="Re-read every pass-through tensor of the output and compare its bytes with the input (SHA-256) "
-        "before the output is put in place.",
-        rich_help_panel=OUT,
-    ),
+    typer.Option("--verify", help="Compare the output's copied tensors with the input (SHA-256).", rich_help_panel=OUT),
 ]
 FsyncOpt = Annotated[
-    bool,
-    typer.Option(
-        "--fsync", help="Flush DST to disk before exiting, so it survives a power loss (slower).", rich_help_panel=OUT
-    ),
+    bool, typer.Option("--fsync", help="Flush DST to disk before exiting (slower).", rich_help_panel=OUT)
 ]
 AllowLargeOpt = Annotated[
     bool,
     typer.Option(
         "--allow-large",
-        help="Allow a target whose output would be over 10x the input's size (and over 16 MiB), or whose resampling "
-        "needs over 4 GiB of memory.",
+        help="Allow an output over 10x the input's size, or resampling over 4 GiB.",
         rich_help_panel=OUT,
     ),
 ]
@@ -215,8 +270,8 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.", rich_help_panel=OUT)]
 
 
-def _version(value: bool) -> None:
-    if value:
+def _version(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:  # shell completion parses resiliently: print nothing then
         with _output(product=True):
             _render.line_out(f"vitresize {__version__}")
         raise typer.Exit()
@@ -267,7 +322,7 @@ def _errors() -> Iterator[None]:
     except VitresizeError as e:
         if os.environ.get("VITRESIZE_DEBUG"):
             raise
-        _render.error(str(e))
+        _render.error(e.cli_message())
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, _Terminated) else signal.SIGINT
@@ -301,13 +356,19 @@ def _output(*, product: bool, written: Path | None = None) -> Iterator[None]:
 
 
 @app.command(
-    epilog="Examples:\n\n"
-    "  vitresize convert vit_b16_224.pth vit_b16_384.safetensors --img-size 384\n\n"
-    "  vitresize convert deit.pth deit_p8.pth --patch 8 --dry-run\n\n"
-    "  vitresize convert vit.safetensors vit_384.safetensors --img-size 384 --verify --json\n\n"
-    "  vitresize convert vit_32x48.safetensors out.safetensors --from-img-size 512x768 --img-size 384\n\n"
-    "  vitresize convert hf_vit_folder/ hf_vit_384/ --img-size 384   (config.json updated)\n\n"
-    "  vitresize convert vit_base_patch16_224.npz vit_384.npz --img-size 384   (JAX layout kept)\n\n" + EPILOG
+    cls=_Command,
+    epilog=_methods_epilog()
+    + "\n\n"
+    + _examples(
+        "vitresize convert vit_b16_224.pth vit_b16_384.safetensors --img-size 384",
+        "vitresize convert deit.pth deit_p8.pth --patch 8 --dry-run",
+        "vitresize convert vit.safetensors vit_384.safetensors --img-size 384 --json",
+        "vitresize convert in.pth out.pth --from-img-size 512x768 --img-size 384",
+        "vitresize convert hf_vit/ hf_vit_384/ --img-size 384    # config.json too",
+        "vitresize convert vit_b16.npz vit_384.npz --img-size 384  # JAX layout kept",
+    )
+    + "\n\n"
+    + EPILOG,
 )
 def convert(
     src: SrcArg,
@@ -335,6 +396,8 @@ def convert(
 ) -> None:
     """Resample the position embedding (and patch kernel) of SRC to a new size and write DST."""
     with _errors():
+        if json_ and quiet:
+            raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
         from . import api
 
         with _render.progress(_input_size(src), enabled=not (json_ or quiet or dry_run)) as bar:
@@ -376,8 +439,10 @@ def convert(
 
 
 @app.command(
-    epilog="Examples:\n\n  vitresize inspect vit_b16_224.pth\n\n  vitresize inspect model.safetensors --json\n\n"
-    + EPILOG
+    cls=_Command,
+    epilog=_examples("vitresize inspect vit_b16_224.pth", "vitresize inspect model.safetensors --json")
+    + "\n\n"
+    + EPILOG,
 )
 def inspect(
     src: SrcArg,

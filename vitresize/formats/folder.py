@@ -25,25 +25,40 @@ Such a link is read, and copied, as a regular file with the blob's permission bi
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import shutil
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointFormatError
 from ..keymaps import TensorInfo
-from . import _open, describe_kind, open_regular, read_json
-from .base import ROOT, Checkpoint
+from ._dtypes import nbytes
+from ._files import describe_kind, open_regular, read_json
+from .atomic import atomic_folder, check_folder_destination, check_not_holding, permissions
+from .base import ROOT, Checkpoint, Segment, WriteJob, Writer, Written
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MAX_FOLDER_DEPTH", "FolderScan", "ShardedCheckpoint", "copy_regular", "find_index", "scan", "scan_folder"]
+    from ._copy import Progress
+
+__all__ = [
+    "MAX_FOLDER_DEPTH",
+    "FolderScan",
+    "FolderWriter",
+    "ShardedCheckpoint",
+    "copy_regular",
+    "find_index",
+    "scan",
+    "scan_folder",
+]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 INDEX_SUFFIXES = (INDEX_SUFFIX, ".bin.index.json")  # safetensors shards; torch shards (pytorch_model-*.bin)
@@ -217,9 +232,11 @@ def _single_weights(folder: Path) -> tuple[Path, list[Path]]:
 
 class ShardedCheckpoint(Checkpoint):
     """A model folder: safetensors shards read through their index, or one weights file; one flat state
-    dict across the files."""
+    dict across the files, each opened with ``open_file`` (the format registry's)."""
 
-    def __init__(self, folder: Path) -> None:
+    writer: ClassVar[str] = "folder"
+
+    def __init__(self, folder: Path, *, open_file: Callable[[Path], Checkpoint]) -> None:
         self.path = folder
         self.lazy = True
         self.scan = scan(folder)
@@ -236,7 +253,7 @@ class ShardedCheckpoint(Checkpoint):
             self.format = "folder"
             weights, others = _single_weights(folder)
             self.duplicates = [p.name for p in others]
-            shard = _open(weights)
+            shard = open_file(weights)
             self.shards[weights.name] = shard
             if list(shard.state_dicts) != [ROOT]:
                 shard.close()
@@ -254,7 +271,7 @@ class ShardedCheckpoint(Checkpoint):
                     raise CheckpointFormatError(
                         f"{self.index_path} names shard {name!r}, which is not a file in {folder}"
                     )
-                self.shards[name] = _open(file)
+                self.shards[name] = open_file(file)
                 if list(self.shards[name].state_dicts) not in ([ROOT], []):
                     raise CheckpointFormatError(f"{file} is not a flat state dict, as a shard must be")
         self.shard_of: dict[str, str] = {}
@@ -305,6 +322,111 @@ class ShardedCheckpoint(Checkpoint):
     def raw_bytes(self, state_dict: str, key: str) -> bytes | None:
         return self.shards[self.shard_of[key]].raw_bytes(ROOT, key)
 
-    def close(self) -> None:
+    def segments(self, state_dict: str) -> list[Segment]:
+        """The tensors of every file, file by file, each as its file's reader hands it out."""
+        return [seg for shard in self.shards.values() for seg in shard.segments(ROOT)]
+
+    def source_files(self) -> tuple[Path, ...]:
+        return tuple(self.files.values())
+
+    def left_out(self, state_dict: str) -> list[str]:
+        first = next(iter(self.shards))
+        return [f"{name} (another copy of the weights; only {first} was converted)" for name in self.duplicates]
+
+    def _release(self) -> None:
         for shard in self.shards.values():
             shard.close()
+
+
+class FolderWriter(Writer):
+    """A model folder: only the files holding a changed tensor are rewritten, each by the writer of its own
+    format, and ``config.json`` gets the new geometry; the index gets the new total size; the rest is copied.
+
+    What is copied is what :func:`scan` let through: regular files (a link inside the folder comes out as a copy
+    of its file, a link to a hub cache blob too), in the folder and its subfolders. Every file and folder of the
+    output keeps its source's permission bits, never wider (``& ~umask``): a file's as it is written, the
+    folders' last (:func:`~.atomic.atomic_folder` applies them after the files are written and flushed, so a
+    read-only folder never stands in the way of writing or cleaning up).
+    """
+
+    format: ClassVar[str] = "folder"
+
+    def __init__(self, writers: Mapping[str, Writer]) -> None:
+        self.writers = writers
+        """The writers of the files, by format (:attr:`Checkpoint.writer`)."""
+
+    def writes_raw(self, ckpt: Checkpoint) -> bool:
+        assert isinstance(ckpt, ShardedCheckpoint)
+        return all(self.writers[s.writer].writes_raw(s) for s in ckpt.shards.values())
+
+    def check_destination(self, ckpt: Checkpoint, dst: Path, *, force: bool) -> None:
+        """Also refuse a DST that is, or holds, a folder the input links into (a hub cache's ``blobs/``)."""
+        assert isinstance(ckpt, ShardedCheckpoint)
+        src = ckpt.path.resolve()
+        for folder in dict.fromkeys(real.parent for real in ckpt.files.values() if src not in real.parents):
+            check_not_holding(folder, dst, f"holds files that {ckpt.path} links to")
+        check_folder_destination(dst, force=force)
+
+    @contextlib.contextmanager
+    def atomic(self, ckpt: Checkpoint, dst: Path, *, force: bool, fsync: bool) -> Iterator[Path]:
+        assert isinstance(ckpt, ShardedCheckpoint)
+        mode, folder_modes = ckpt.path.stat().st_mode, ckpt.scan.folders
+        with atomic_folder(dst, force=force, fsync=fsync, mode=mode, folder_modes=folder_modes) as tmp:
+            yield tmp
+
+    def write(self, out: Path, job: WriteJob, progress: Progress | None) -> Written:
+        ckpt = job.checkpoint
+        assert isinstance(ckpt, ShardedCheckpoint)
+        changed_shards = {ckpt.shard_of[key] for sd, key in job.replacements if sd == ROOT}
+        sidecar = ckpt.sidecar if job.geometry is not None else None
+        rewritten, copied = [], []
+        total = 0
+        for name in ckpt.folders:
+            (out / name).mkdir()
+        for name, source in ckpt.files.items():
+            dst = out / name
+            mode = permissions(source.stat().st_mode, 0o666)
+            shard = ckpt.shards.get(name)
+            if shard is not None and name in changed_shards:
+                repl = {k: r for k, r in job.replacements.items() if ckpt.shard_of.get(k[1]) == name}
+                shard_job = WriteJob(shard, (ROOT,), repl, job.metadata)
+                total += self.writers[shard.writer].write(dst, shard_job, progress).bytes
+                dst.chmod(mode)
+                rewritten.append(name)
+            elif (ckpt.index_path is not None and name == ckpt.index_path.name) or name in ckpt.duplicates:
+                continue
+            elif sidecar is not None and job.geometry is not None and name == sidecar.path.name:
+                sidecar.write(dst, *job.geometry)
+                dst.chmod(mode)
+                total += dst.stat().st_size
+                rewritten.append(name)
+            else:
+                size = copy_regular(source, dst, mode=mode)
+                total += size
+                top = name.split("/")[0]
+                if top == name:
+                    copied.append(name)
+                elif not copied or copied[-1] != top + "/":
+                    copied.append(top + "/")
+                if progress:
+                    progress(size)
+        if ckpt.index_path is not None:
+            index = dict(ckpt.index)
+            meta = dict(index.get("metadata") or {})
+            if "total_size" in meta or not meta:
+                new = {k: r.shape for (sd, k), r in job.replacements.items() if sd == ROOT}
+                meta["total_size"] = sum(
+                    nbytes(new.get(k, info.shape), info.dtype) for k, info in ckpt.state_dicts[ROOT].items()
+                )  # bytes of tensor data, as transformers counts them
+            index["metadata"] = meta
+            raw = json.dumps(index, indent=2, sort_keys=False) + "\n"
+            dst = out / ckpt.index_path.name
+            dst.write_text(raw)
+            dst.chmod(permissions(ckpt.index_path.stat().st_mode, 0o666))
+            total += len(raw)
+            rewritten.append(ckpt.index_path.name)
+        for name in ckpt.folders:  # their modes: atomic_folder, once all is written
+            if "/" not in name and f"{name}/" not in copied:  # an empty one
+                copied.append(f"{name}/")
+        copied.sort(key=lambda n: n.rstrip("/"))
+        return Written(total, tuple(rewritten), tuple(copied))

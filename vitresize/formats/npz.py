@@ -13,20 +13,20 @@ import shutil
 import zipfile
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, UsageError
 from ..keymaps import TensorInfo
 from ._dtypes import TORCH_TO_ST
-from .base import ROOT, Checkpoint
+from .base import ROOT, Checkpoint, WriteJob, Writer, Written
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from .safetensors import Progress
+    from ._copy import Progress
 
-__all__ = ["NpzCheckpoint", "write_npz"]
+__all__ = ["NpzCheckpoint", "NpzWriter", "write_npz"]
 
 _RAW_BF16 = "V2"
 
@@ -50,6 +50,8 @@ def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
 
 class NpzCheckpoint(Checkpoint):
     """A ``.npz`` file: one flat state dict of ``/``-separated keys, read member by member."""
+
+    writer: ClassVar[str] = "npz"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -123,6 +125,24 @@ def _to_numpy(t: torch.Tensor, raw_bf16: bool) -> np.ndarray[Any, Any]:
         arr = t.view(torch.int16).numpy()
         return arr.view(_RAW_BF16)  # raw 2-byte arrays, as big_vision writes them
     return t.numpy()
+
+
+class NpzWriter(Writer):
+    """``.npz``: the input ``.npz`` with the changed arrays replaced, in the JAX layout (HWIO kernels)."""
+
+    format: ClassVar[str] = "npz"
+    suffixes: ClassVar[tuple[str, ...]] = (".npz",)
+
+    def check_source(self, ckpt: Checkpoint) -> None:
+        if not isinstance(ckpt, NpzCheckpoint):
+            raise UsageError(
+                f"a .npz output needs a .npz input (JAX layout); write {ckpt.format} input as .safetensors"
+            )
+
+    def write(self, out: Path, job: WriteJob, progress: Progress | None) -> Written:
+        ckpt = job.checkpoint
+        assert isinstance(ckpt, NpzCheckpoint)  # check_source refused any other
+        return Written(write_npz(ckpt, {k: r.load() for (_, k), r in job.replacements.items()}, out, progress))
 
 
 def write_npz(

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError
 from ..resample.geometry import Size
-from . import is_folder, read_json
+from ._files import is_folder, read_json
 
 __all__ = ["Sidecar", "find_sidecar"]
 
@@ -56,19 +56,6 @@ class Sidecar:
     data: dict[str, Any]
     img_size: Size | None
     patch: Size | None
-
-    @property
-    def grid(self) -> Size | None:
-        if self.img_size is None or self.patch is None:
-            return None
-        if self.img_size[0] % self.patch[0] or self.img_size[1] % self.patch[1]:
-            return None
-        return (self.img_size[0] // self.patch[0], self.img_size[1] // self.patch[1])
-
-    def describe(self) -> str:
-        img = "?" if self.img_size is None else f"{self.img_size[0]}x{self.img_size[1]}"
-        patch = "?" if self.patch is None else f"{self.patch[0]}x{self.patch[1]}"
-        return f"{self.path} ({self.kind}: image {img}, patch {patch})"
 
     def updated(self, img_size: Size, patch: Size) -> dict[str, Any]:
         """The config with the new geometry; every other entry as it was."""

@@ -18,17 +18,27 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..keymaps import TensorInfo
+from ._dtypes import nbytes
 from ._zip_index import TensorRef, check_legacy, check_zip, data_offset, is_tensor_ref, read_zip_index
-from .base import ROOT, Checkpoint
+from .base import ROOT, Checkpoint, Segment, TensorPath, WriteJob, Writer, Written
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TorchCheckpoint", "iter_state_dicts", "load_container", "replace_tensors", "save_container"]
+    from ._copy import Progress
+
+__all__ = [
+    "TorchCheckpoint",
+    "TorchWriter",
+    "iter_state_dicts",
+    "load_container",
+    "replace_tensors",
+    "save_container",
+]
 
 _MAX_DEPTH = 4  # levels of string-keyed dicts searched for state dicts
 _MAX_NODES = 5_000_000  # objects a container may hold (a ViT-g training checkpoint: ~10k)
@@ -335,6 +345,18 @@ class TorchCheckpoint(Checkpoint):
     written with :func:`replace_tensors` converts it under all of them.
     """
 
+    writer: ClassVar[str] = "torch"
+
+    @classmethod
+    def zip(cls, path: Path) -> TorchCheckpoint:
+        """A zip checkpoint (``torch.save``'s format since torch 1.6)."""
+        return cls(path, zip_format=True)
+
+    @classmethod
+    def legacy(cls, path: Path) -> TorchCheckpoint:
+        """A legacy (non-zip) pickle, loaded whole."""
+        return cls(path, zip_format=False)
+
     def __init__(self, path: Path, *, zip_format: bool) -> None:
         self.path = path
         self.format = "torch-zip" if zip_format else "torch-legacy"
@@ -359,6 +381,7 @@ class TorchCheckpoint(Checkpoint):
             self.state_dicts[name] = _infos(sd, is_tensor)
         self.extras = self._extras(source)
         self._ranges: dict[int, tuple[int, int]] | None = None
+        self._first: dict[int, TensorPath] = {}  # container id -> the path tensors() walks it under
 
     def _outline(self) -> tuple[Any, Callable[[Any], bool]]:
         """The container as read for planning (the index if there is one) and how to tell its tensors."""
@@ -465,11 +488,122 @@ class TorchCheckpoint(Checkpoint):
         sd = self.raw_state_dict(state_dict)
         return {k: self._ranges[id(v)] for k, v in sd.items() if id(v) in self._ranges}
 
-    def close(self) -> None:
+    def segments(self, state_dict: str) -> list[Segment]:
+        """The tensors of a state dict, each with its byte range where its bytes lie as they are in the file."""
+        ranges = self.file_ranges(state_dict)
+        out = []
+        for key, info in self.state_dicts[state_dict].items():
+            rng = ranges.get(key)
+            source = (self.path, rng[0]) if rng is not None else None
+            size = nbytes(info.shape, info.dtype)
+            out.append(Segment(key, info.dtype, info.shape, size, self._loader(self.path_of(state_dict), key), source))
+        return out
+
+    def _loader(self, path: TensorPath, key: Any) -> Any:
+        return lambda: _at(self.container, (*path, key))
+
+    def tensors(self) -> dict[TensorPath, Segment]:
+        """Every tensor of the container (optimizer moments too), under the first path that reaches it: each
+        container is walked once (a dict shared by two keys, or a crafted file of shared nested dicts, is not
+        walked once per path), and a tensor met under several paths is one segment."""
+        source, is_tensor = self._outline()
+        by_id: dict[int, Segment] = {}
+        out: dict[TensorPath, Segment] = {}
+        for path, node in _walk(source, is_tensor, self._first):
+            seg = by_id.get(id(node))
+            if seg is None:
+                seg = by_id[id(node)] = self._segment(path, node)
+            out[path] = seg
+        return out
+
+    def _segment(self, path: TensorPath, node: Any) -> Segment:
+        if isinstance(node, TensorRef):
+            dtype, shape = node.dtype, tuple(node.shape)
+            rng = self._index.file_range(node) if self._index is not None else None
+        else:
+            dtype, shape = _dtype_name(node), tuple(node.shape)
+            if self._ranges is None:
+                self._ranges = _file_ranges(self.path, self._container) if self.lazy else {}
+            rng = self._ranges.get(id(node))
+        source = (self.path, rng[0]) if rng is not None else None
+        return Segment(str(path[-1]), dtype, shape, nbytes(shape, dtype), self._loader(path[:-1], path[-1]), source)
+
+    def tensor_path(self, state_dict: str, key: str) -> TensorPath:
+        """Under the path :meth:`tensors` walks the state dict by (the first that reaches it)."""
+        if not self._first:
+            self.tensors()
+        source, _ = self._outline()
+        node = self._node(source, state_dict)
+        return (*self._first.get(id(node), self.path_of(state_dict)), key)
+
+    def replaced(self, replacements: Mapping[str, Mapping[str, Any]]) -> Any:
+        """The loaded container with the replacements put in (:func:`replace_tensors`): a state dict reached by
+        several paths is replaced under all of them, and stays one object."""
+        return replace_tensors(self.container, {self.path_of(sd): ts for sd, ts in replacements.items()})
+
+    def left_out(self, state_dict: str) -> list[str]:
+        """The container's other top-level entries and state dicts, and the state dict's non-tensor entries."""
+        left: list[str] = []
+        if state_dict != ROOT:
+            root = self.path_of(state_dict)[0]
+            left += [t for t in self.top_keys() if t != root]
+            left += [s for s in self.state_dicts if s != state_dict and self.path_of(s)[0] == root]
+        left += [f"{k} (not a tensor)" for k in self.non_tensors(state_dict)]
+        return left
+
+    def _release(self) -> None:
         self._paths = {}
         self._ranges = None
         self._container = None
         self._index = None
+        self._first = {}
+
+
+class TorchWriter(Writer):
+    """``.pth``: the whole container (every state dict, nesting and non-tensor entries) with ``torch.save``."""
+
+    format: ClassVar[str] = "torch"
+    suffixes: ClassVar[tuple[str, ...]] = (".pth", ".pt", ".bin", ".ckpt")
+    whole_container: ClassVar[bool] = True
+
+    def write(self, out: Path, job: WriteJob, progress: Progress | None) -> Written:
+        by_sd: dict[str, dict[str, Any]] = {}
+        for (sd, key), r in job.replacements.items():
+            by_sd.setdefault(sd, {})[key] = r.load()
+        ckpt = job.checkpoint
+        save_container(ckpt.replaced(by_sd), out, progress, sources=ckpt.source_files())
+        return Written(out.stat().st_size)
+
+
+def _walk(obj: Any, is_tensor: Callable[[Any], bool], first: dict[int, TensorPath]) -> Iterator[tuple[TensorPath, Any]]:
+    """Every tensor in a container of dicts, lists and tuples, with its path. Each container is walked once, under
+    the first path that reaches it depth-first (as :func:`iter_state_dicts` names state dicts), which ``first``
+    records by the container's id."""
+    seen: set[int] = set()
+    stack: list[tuple[TensorPath, Any]] = [((), obj)]
+    while stack:
+        path, node = stack.pop()
+        if is_tensor(node):
+            yield path, node
+            continue
+        if isinstance(node, Mapping):
+            items: list[tuple[Any, Any]] = list(node.items())
+        elif isinstance(node, (list, tuple)):
+            items = list(enumerate(node))
+        else:
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        first[id(node)] = path
+        stack.extend(((*path, k), v) for k, v in reversed(items))
+
+
+def _at(obj: Any, path: TensorPath) -> Any:
+    """What lies at ``path`` in a container of dicts, lists and tuples."""
+    for part in path:
+        obj = obj[part]
+    return obj
 
 
 def _member_sizes(path: Path) -> dict[int, int] | None:

@@ -71,7 +71,6 @@ class KeyMap:
             outside the table (DINOv2 registers, a big_vision class token) are not listed.
         native_method: the interpolation convention of the family's own library.
         no_embed_class: the table may leave the prefix tokens out (timm ``no_embed_class=True``).
-        description: one line for docs and ``--help``.
         sep: the separator of key paths (``/`` in JAX ``.npz`` files).
         requires: keys that must exist beside the table for the map to apply (tells apart families that
             share key names, e.g. DINOv2's ``mask_token``).
@@ -79,7 +78,6 @@ class KeyMap:
             registers antialiases, without it does not).
         position_ids: an integer buffer ``[1, rows]`` that counts the table's rows (older HF CLIP files); it
             is rewritten to count the new rows.
-        sidecar: the sidecar ``config.json`` kind that goes with this family (``hf`` or ``timm``).
         stems: ``(pattern, what)``: a key (a regular expression matched at the start of the key below the model
             prefix) that shows the patch kernel is not the patch, because a stem runs before it (a hybrid's CNN)
             or the kernel is strided otherwise (Hiera's 7x7 stride-4 conv). The table's grid is then
@@ -94,14 +92,12 @@ class KeyMap:
     tokens: tuple[str, ...]
     native_method: str
     no_embed_class: bool = False
-    description: str = ""
     sep: str = "."
     pos_layout: str = "1LD"
     patch_layout: str = "OIHW"
     requires: tuple[str, ...] = ()
     native_when: tuple[tuple[str, str], ...] = ()
     position_ids: str | None = None
-    sidecar: str = "timm"
     stems: tuple[tuple[str, str], ...] = ()
     unsupported: tuple[tuple[str, str], ...] = ()
 

@@ -16,5 +16,4 @@ DINOV2 = KeyMap(
     native_method="dinov2",
     requires=("mask_token",),
     native_when=(("register_tokens", "dinov2-reg"),),
-    description="DINOv2 hub: pos_embed, patch_embed.proj.weight, cls_token (registers and mask_token outside)",
 )

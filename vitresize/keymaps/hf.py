@@ -24,8 +24,6 @@ HF_VIT = KeyMap(
     tokens=("embeddings.cls_token", "embeddings.distillation_token"),
     native_method="hf",
     native_when=(("embeddings.register_tokens", "hf-dinov2-reg"),),
-    sidecar="hf",
-    description="Hugging Face ViT / DeiT / DINOv2 (+registers): embeddings.position_embeddings, cls/distillation",
     stems=((r"embeddings\.patch_embeddings\.(?!projection\.)", "a CNN stem ({key})"),),
 )
 
@@ -37,6 +35,4 @@ HF_CLIP = KeyMap(
     native_method="hf",
     pos_layout="LD",
     position_ids="embeddings.position_ids",
-    sidecar="hf",
-    description="Hugging Face CLIP / SigLIP vision: embeddings.position_embedding.weight [rows, D], class_embedding",
 )

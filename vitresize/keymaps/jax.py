@@ -18,7 +18,6 @@ VIT_JAX = KeyMap(
     native_method="big_vision",
     sep="/",
     patch_layout="HWIO",
-    description="vit_jax .npz (ViT, AugReg): Transformer/posembed_input/pos_embedding, embedding/kernel (HWIO)",
     stems=((r"(conv_root|gn_root|block\d+/unit\d+)/", "a ResNet stem ({key})"),),
 )
 
@@ -30,5 +29,4 @@ BIG_VISION = KeyMap(
     native_method="big_vision",
     sep="/",
     patch_layout="HWIO",
-    description="big_vision .npz (ViT, FlexiViT, SigLIP): pos_embedding without class row, embedding/kernel (HWIO)",
 )

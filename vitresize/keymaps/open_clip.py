@@ -15,5 +15,4 @@ OPEN_CLIP = KeyMap(
     tokens=("class_embedding",),
     native_method="open_clip",
     pos_layout="LD",
-    description="open_clip / OpenAI CLIP: visual.positional_embedding [rows, W], visual.conv1.weight",
 )

@@ -19,7 +19,6 @@ TIMM = KeyMap(
     tokens=("cls_token", "dist_token", "reg_token"),
     native_method="timm",
     no_embed_class=True,
-    description="timm VisionTransformer / DeiT: pos_embed, patch_embed.proj.weight, cls/dist/reg tokens",
     stems=(
         (r"patch_embed\.(?!proj\.|norm\.)", "a CNN stem ({key})"),
         (r"blocks\.\d+\.proj\.weight$", "an overlapping stem conv and token-pooling stages ({key}), as Hiera has"),

@@ -11,5 +11,4 @@ TORCHVISION = KeyMap(
     patch_embed="conv_proj.weight",
     tokens=("class_token",),
     native_method="torchvision",
-    description="torchvision VisionTransformer: encoder.pos_embedding, conv_proj.weight, class_token",
 )

@@ -1,7 +1,7 @@
 """Interpolation conventions of the libraries whose resampling vitresize reproduces. Pure Python.
 
-Each method names the exact ``F.interpolate`` arguments a library uses for the position table (see
-ANCHORS.md section 4). ``native`` is resolved per family by the key maps.
+Each method names the exact ``F.interpolate`` arguments a library uses for the position table (the
+Conventions table in README.md lists them). ``native`` is resolved per family by the key maps.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import GeometryError, UsageError
+from ..errors import GeometryError, Message, UsageError, param
 
 Size = tuple[int, int]
 
@@ -14,7 +14,7 @@ __all__ = ["MAX_SIZE", "Geometry", "Size", "format_size", "infer_source_grid", "
 
 MAX_SIZE = 2**20
 """The largest side accepted for an image size, a grid or a patch (1048576): far beyond any ViT, and a bound that
-keeps a typo (``--img-size 10000000000``) from reaching the allocator."""
+keeps a typo (``img_size=10000000000``) from reaching the allocator."""
 
 
 def _shown(value: object) -> str:
@@ -91,7 +91,7 @@ def _divide(img: Size, patch: Size, option: str) -> Size:
         ok = f"{img[0] // patch[0] * patch[0] or patch[0]}x{img[1] // patch[1] * patch[1] or patch[1]}"
         raise UsageError(
             f"{option} {format_size(img)} is not divisible by the patch size {format_size(patch)}; "
-            f"use a multiple of the patch (e.g. {ok}) or another --patch"
+            f"use a multiple of the patch (e.g. {ok}) or another {param('patch')}"
         )
     return (img[0] // patch[0], img[1] // patch[1])
 
@@ -128,17 +128,17 @@ def infer_source_grid(
         UsageError: both ``from_grid`` and ``from_img_size`` are given, or the image is not divisible by the patch.
     """
     if from_grid is not None and from_img_size is not None:
-        raise UsageError("give either --from-grid or --from-img-size, not both")
+        raise UsageError(f"give either {param('from_grid')} or {param('from_img_size')}, not both")
     given: Size | None = None
     source = ""
     if from_grid is not None:
-        given, source = from_grid, "--from-grid"
+        given, source = from_grid, param("from_grid")
     elif from_img_size is not None:
-        given, source = _divide(from_img_size, patch, "--from-img-size"), "--from-img-size"
+        given, source = _divide(from_img_size, patch, param("from_img_size")), param("from_img_size")
     if given is not None:
         for p in prefix_candidates:
             if num_rows - p == given[0] * given[1]:
-                return given, p, source
+                return given, p, Message(source)
         rows = " or ".join(f"{given[0] * given[1] + p}" for p in prefix_candidates)
         raise GeometryError(
             f"{pos_key} has {num_rows} rows, but a {format_size(given)} grid ({source}) needs {rows} "
@@ -156,7 +156,7 @@ def infer_source_grid(
     prefixes = "/".join(str(p) for p in prefix_candidates)
     raise GeometryError(
         f"cannot infer the source grid of {pos_key}: {num_rows} rows minus {prefixes} prefix rows is not a "
-        f"square grid; pass --from-img-size HxW (or --from-grid HxW) to give the source geometry"
+        f"square grid; pass {param('from_img_size')} HxW (or {param('from_grid')} HxW) to give the source geometry"
     )
 
 
@@ -175,12 +175,14 @@ def resolve_target(
         UsageError: no target, ``grid`` with ``img_size``, or an image size not divisible by the patch.
     """
     if grid is not None and img_size is not None:
-        raise UsageError("give either --grid or --img-size, not both (the grid is img-size / patch)")
+        raise UsageError(
+            f"give either {param('grid')} or {param('img_size')}, not both (the grid is image size / patch)"
+        )
     if img_size is None and patch is None and grid is None:
-        raise UsageError("no target given; pass --img-size, --patch or --grid")
+        raise UsageError(f"no target given; pass {param('img_size')}, {param('patch')} or {param('grid')}")
     new_patch = patch or source.patch
     if grid is not None:
         return Geometry(grid=grid, patch=new_patch)
     if img_size is not None:
-        return Geometry(grid=_divide(img_size, new_patch, "--img-size"), patch=new_patch)
+        return Geometry(grid=_divide(img_size, new_patch, param("img_size")), patch=new_patch)
     return Geometry(grid=_divide(source.img_size, new_patch, "the source image size"), patch=new_patch)

@@ -1,5 +1,6 @@
-"""What a conversion will do (:class:`Plan`), what it did (:class:`Report`), and what a file holds
-(:class:`Inspection`). Frozen dataclasses with ``to_dict()`` for ``--json``. Pure Python.
+"""What a conversion will do: the ViTs found (:class:`Embedding`), the geometry each moves to
+(:class:`ModelPlan`), the tensors that change (:class:`TensorChange`), all in a :class:`Plan`. Frozen dataclasses
+with ``to_dict()`` for ``--json``. Pure Python.
 """
 
 from __future__ import annotations
@@ -12,49 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 from .keymaps import KEYMAPS
 from .keymaps.base import kernel_size
+from .options import Op, Options, Target
 from .resample.conventions import Convention
 from .resample.geometry import Geometry, Size
 
 if TYPE_CHECKING:
-    from ._verify import Verification
-    from .formats import Checkpoint
+    from .formats.base import Checkpoint
+    from .report import Report
 
-__all__ = [
-    "LARGE_FLOOR",
-    "LARGE_RATIO",
-    "MEMORY_CAP",
-    "Embedding",
-    "Inspection",
-    "ModelPlan",
-    "Plan",
-    "Report",
-    "StateDictSummary",
-    "TensorChange",
-]
-
-JSON_SCHEMA_VERSION = 1
-
-LARGE_RATIO = 10
-"""An output more than this many times the size of its source is refused (unless ``allow_large``) ..."""
-LARGE_FLOOR = 16 << 20
-"""... once it is over 16 MiB: a toy model of a few kB may grow tenfold for real."""
-MEMORY_CAP = 4 << 30
-"""Resampled tensors and the working memory of the resampling (float32 copies, the PI-resize matrix and its
-pseudo-inverse) are refused above 4 GiB (unless ``allow_large``): far beyond any real ViT's tables (ViT-g at
-4096x4096 pixels needs about 2 GiB), and short of what a typo (``--img-size 100000``) would try to allocate."""
+__all__ = ["Embedding", "ModelPlan", "Plan", "TensorChange"]
 
 
-def format_bytes(n: int) -> str:
-    """``40960`` -> ``"40 KiB"``, ``10**10`` -> ``"9.3 GiB"``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" or size >= 100 else f"{size:.3g} {unit}"
-        size /= 1024
-    raise AssertionError  # pragma: no cover
-
-
-def _size(s: Size | None) -> list[int] | None:
+def size_list(s: Size | None) -> list[int] | None:
+    """``(h, w)`` as a JSON list."""
     return None if s is None else [s[0], s[1]]
 
 
@@ -116,9 +87,9 @@ class Embedding:
             "patch_embed": {"key": self.patch_key, "shape": list(self.patch_shape)},
             "dtype": self.dtype,
             "prefix_tokens": list(self.prefix_keys),
-            "grid": _size(g.grid) if g else None,
-            "patch": _size(g.patch if g else self.kernel) if self.stride_known else None,
-            "img_size": _size(g.img_size) if g and self.stride_known else None,
+            "grid": size_list(g.grid) if g else None,
+            "patch": size_list(g.patch if g else self.kernel) if self.stride_known else None,
+            "img_size": size_list(g.img_size) if g and self.stride_known else None,
             "stem": self.stem,
             "geometry_from": self.geometry_from,
             "note": self.note,
@@ -135,7 +106,7 @@ class TensorChange:
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
     dtype: str
-    op: str  # "pos_embed" | "patch_embed" | "position_ids"
+    op: Op
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,9 +137,9 @@ class ModelPlan:
         d = self.embedding.to_dict()
         known = self.embedding.stride_known
         d.update(
-            new_grid=_size(self.target.grid),
-            new_patch=_size(self.target.patch) if known else None,
-            new_img_size=_size(self.target.img_size) if known else None,
+            new_grid=size_list(self.target.grid),
+            new_patch=size_list(self.target.patch) if known else None,
+            new_img_size=size_list(self.target.img_size) if known else None,
         )
         return d
 
@@ -183,18 +154,32 @@ class Plan:
 
     src: Path
     src_format: str
+    target: Target
+    """The geometry asked for."""
+    options: Options
+    """The options asked for (``options.method`` may be ``"native"``; :attr:`method` is what it stands for)."""
     method: str
+    """The interpolation convention used: a key of :data:`~vitresize.resample.conventions.METHODS`."""
     pos_convention: Convention
     patch_convention: Convention
-    patch_method: str
-    device: str
     models: tuple[ModelPlan, ...]
     changes: tuple[TensorChange, ...]
     num_tensors: int
     warnings: tuple[str, ...] = ()
     checkpoint: Checkpoint | None = field(default=None, repr=False, compare=False)
-    allow_large: bool = False
-    """Lift the size budgets (:data:`LARGE_RATIO`, :data:`MEMORY_CAP`); see :func:`vitresize.plan`."""
+
+    @property
+    def patch_method(self) -> str:
+        return self.options.patch_method
+
+    @property
+    def device(self) -> str:
+        return self.options.device
+
+    @property
+    def allow_large(self) -> bool:
+        """Whether the size budgets are lifted (see :mod:`vitresize.budgets`)."""
+        return self.options.allow_large
 
     @property
     def family(self) -> str:
@@ -214,21 +199,32 @@ class Plan:
         dst: str | os.PathLike[str],
         *,
         force: bool = False,
+        dry_run: bool = False,
         select: str | None = None,
         verify: bool = False,
         fsync: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> Report:
-        """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert`.
+        """Resample the planned tensors and write ``dst`` atomically; see :func:`vitresize.convert` for the
+        arguments. With ``dry_run``, check the destination and the selection only.
 
         Raises:
+            ValueError: the plan is closed.
             UsageError: a ``.safetensors`` output would be over the size budget (see :func:`vitresize.plan`).
         """
+        if self.checkpoint is None or self.checkpoint.closed:
+            raise ValueError(
+                f"this Plan of {self.src} is closed (close() was called, or its with block ended); "
+                f"call execute() before closing it, or make a new plan"
+            )
         from ._execute import execute
 
-        return execute(self, Path(dst), force=force, select=select, verify=verify, fsync=fsync, progress=progress)
+        return execute(
+            self, Path(dst), force=force, dry_run=dry_run, select=select, verify=verify, fsync=fsync, progress=progress
+        )
 
     def close(self) -> None:
+        """Close the source; :meth:`execute` cannot be called after."""
         if self.checkpoint is not None:
             self.checkpoint.close()
 
@@ -255,113 +251,16 @@ class Plan:
                 "antialias": self.patch_convention.antialias,
             },
             "device": self.device,
-            "old_grid": _size(first.source.grid),
-            "new_grid": _size(first.target.grid),
-            "old_patch": _size(first.source.patch) if known else None,
-            "new_patch": _size(first.target.patch) if known else None,
-            "old_img_size": _size(first.source.img_size) if known else None,
-            "new_img_size": _size(first.target.img_size) if known else None,
+            "old_grid": size_list(first.source.grid),
+            "new_grid": size_list(first.target.grid),
+            "old_patch": size_list(first.source.patch) if known else None,
+            "new_patch": size_list(first.target.patch) if known else None,
+            "old_img_size": size_list(first.source.img_size) if known else None,
+            "new_img_size": size_list(first.target.img_size) if known else None,
             "state_dicts": list(self.state_dicts),
             "models": [m.to_dict() for m in self.models],
             "changes": [c.to_dict() for c in self.changes],
             "tensors": self.num_tensors,
             "passed_through": self.passed_through,
-            "warnings": list(self.warnings),
-        }
-
-
-@dataclass(frozen=True)
-class Report:
-    """What :meth:`Plan.execute` did (or, for a dry run, would do)."""
-
-    plan: Plan
-    dst: Path
-    dst_format: str
-    dry_run: bool
-    bytes_written: int
-    written_state_dicts: tuple[str, ...]
-    left_out: tuple[str, ...]
-    warnings: tuple[str, ...]
-    passed_through: int
-    """Tensors written byte for byte (in the state dicts written)."""
-    verified: Verification | None = None
-    """With ``verify=True``: the pass-through tensors re-read from the output and found identical."""
-    rewritten: tuple[str, ...] = ()
-    """Folder output: the files written anew (shards holding a changed tensor, the index)."""
-    copied: tuple[str, ...] = ()
-    """Folder output: the files copied as they are."""
-    engine: str | None = None
-    """What resampled the tensors: ``"numpy"`` (torch not imported; bit for bit as torch's kernel, see
-    :mod:`vitresize.resample.torchfree`) or ``"torch"``; ``None`` when nothing was resampled."""
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"schema": JSON_SCHEMA_VERSION, "command": "convert"}
-        d.update(self.plan.to_dict())
-        d.update(
-            dst=str(self.dst),
-            dst_format=self.dst_format,
-            dry_run=self.dry_run,
-            bytes_written=self.bytes_written,
-            written_state_dicts=list(self.written_state_dicts),
-            passed_through=self.passed_through,
-            left_out=list(self.left_out),
-            warnings=list(self.warnings),
-            verified=self.verified.to_dict() if self.verified else None,
-            engine=self.engine,
-            files={"rewritten": list(self.rewritten), "copied": list(self.copied)}
-            if self.dst_format == "folder"
-            else None,
-        )
-        return d
-
-
-@dataclass(frozen=True)
-class StateDictSummary:
-    """Counts for one state dict of a file."""
-
-    name: str
-    tensors: int
-    parameters: int
-    dtypes: dict[str, int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "tensors": self.tensors, "parameters": self.parameters, "dtypes": self.dtypes}
-
-
-@dataclass(frozen=True)
-class Inspection:
-    """What :func:`vitresize.inspect` found in a file."""
-
-    path: Path
-    format: str
-    size_bytes: int
-    metadata: dict[str, str]
-    state_dicts: tuple[StateDictSummary, ...]
-    extras: tuple[str, ...]
-    embeddings: tuple[Embedding, ...]
-    warnings: tuple[str, ...] = ()
-    config: dict[str, Any] | None = None
-    """The sidecar ``config.json`` read: ``{"path", "kind", "img_size", "patch"}``."""
-
-    @property
-    def family(self) -> str | None:
-        fams = dict.fromkeys(e.family for e in self.embeddings)
-        return ", ".join(fams) if fams else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": JSON_SCHEMA_VERSION,
-            "command": "inspect",
-            "path": str(self.path),
-            "format": self.format,
-            "size_bytes": self.size_bytes,
-            "family": self.family,
-            "metadata": self.metadata,
-            "state_dicts": [s.to_dict() for s in self.state_dicts],
-            "extras": list(self.extras),
-            "tensors": sum(s.tensors for s in self.state_dicts),
-            "parameters": sum(s.parameters for s in self.state_dicts),
-            "models": [e.to_dict() for e in self.embeddings],
-            "config": self.config,
             "warnings": list(self.warnings),
         }
