@@ -229,7 +229,7 @@ def _provenance(plan: Plan) -> dict[str, str]:
 
 
 def _check_written(
-    ckpt: Checkpoint, out: Checkpoint, writer: Writer, sds: tuple[str, ...], changes: dict[Key, Any]
+    dst: Path, ckpt: Checkpoint, out: Checkpoint, writer: Writer, sds: tuple[str, ...], changes: dict[Key, Any]
 ) -> None:
     """Compare what the output holds (re-read header-first) with the plan: every tensor, its shape and dtype.
 
@@ -247,7 +247,7 @@ def _check_written(
 
     want = {sd: planned(sd) for sd in sds} if writer.whole_container else {ROOT: planned(sds[0])}
     if out.state_dicts != want:
-        raise InternalError(f"{out.path} does not hold the planned tensors")
+        raise InternalError(f"the output for {dst} does not hold the planned tensors; nothing was written")
 
 
 def _report(
@@ -360,7 +360,7 @@ def execute(
         with writer.atomic(ckpt, dst, force=force, fsync=fsync) as tmp:
             written = writer.write(tmp, job, tick)
             with open_file(tmp) as out:
-                _check_written(ckpt, out, writer, sds, resampled.changes)
+                _check_written(dst, ckpt, out, writer, sds, resampled.changes)
                 if verify:
                     verified = verify_output(ckpt, out, writer.whole_container, sds, set(resampled.changes))
     except OSError as e:

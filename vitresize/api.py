@@ -9,16 +9,15 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .budgets import check_plan
 from .errors import CheckpointFormatError, DeviceError, GeometryError, Message, NoViTFoundError, UsageError, param
 from .formats import Checkpoint, open_checkpoint
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
 from .keymaps.base import kernel_shape, kernel_size, pos_rows, pos_shape, token_rows
-from .options import Family, Options, Target, resolve
+from .options import EXECUTE_FIELDS, Family, Options, Target, resolve
 from .plans import Embedding, ModelPlan, Plan, TensorChange
 from .report import Inspection, Report, StateDictSummary
 from .resample.conventions import RESAMPLED_DTYPES, resolve_conventions
@@ -27,7 +26,7 @@ from .resample.geometry import Geometry, Size, format_size, infer_source_grid, r
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .options import OptionsFields, SizeLike
+    from .options import ConvertFields, OptionsFields, SizeLike
 
 __all__ = ["convert", "inspect", "plan"]
 
@@ -93,11 +92,10 @@ def _embeddings(
                     hint, hint_from = _sidecar_grid(ckpt, kernel), "config.json"
                     if hint is None:
                         hint, hint_from = meta_hint, "metadata"
-                    grid, rows, how = infer_source_grid(
-                        num_rows=num_rows,
-                        prefix_candidates=f.prefix_candidates(),
-                        patch=kernel,
-                        pos_key=f.pos_key,
+                    grid, rows, how = _infer_grid(
+                        f,
+                        num_rows,
+                        kernel,
                         from_grid=from_grid,
                         from_img_size=from_img_size,
                         hint=hint,
@@ -163,6 +161,13 @@ def _embeddings(
     return out
 
 
+def _infer_grid(f: Found, num_rows: int, kernel: Size, **given: Any) -> tuple[Size, int, str]:
+    """:func:`~vitresize.resample.geometry.infer_source_grid` for a found table of ``num_rows`` rows."""
+    return infer_source_grid(
+        num_rows=num_rows, prefix_candidates=f.prefix_candidates(), patch=kernel, pos_key=f.pos_key, **given
+    )
+
+
 def _stem_text(f: Found, kernel: Size) -> str:
     """Why a stem's kernel is not its patch, for messages."""
     return f"{f.patch_key} ({format_size(kernel)}) is not the patch of a model with {f.stem}: its patch is the stride"
@@ -204,15 +209,7 @@ def _stem_geometry(
                 f"{f.pos_key} has {num_rows} rows, which no stride makes from a {format_size(img)} image "
                 f"({_stem_text(f, kernel)}); check {param('from_img_size')}, or give {param('from_grid')} HxW"
             )
-    grid, rows, how = infer_source_grid(
-        num_rows=num_rows,
-        prefix_candidates=f.prefix_candidates(),
-        patch=kernel,
-        pos_key=f.pos_key,
-        from_grid=from_grid,
-        hint=meta_hint,
-        hint_from="metadata",
-    )
+    grid, rows, how = _infer_grid(f, num_rows, kernel, from_grid=from_grid, hint=meta_hint, hint_from="metadata")
     if from_grid is not None and img is not None and img[0] % grid[0] == 0 and img[1] % grid[1] == 0:
         return grid, rows, how, (img[0] // grid[0], img[1] // grid[1])
     return grid, rows, how, None
@@ -477,14 +474,7 @@ def convert(
     dst: str | os.PathLike[str],
     target: Target | None = None,
     options: Options | None = None,
-    *,
-    force: bool = False,
-    dry_run: bool = False,
-    select: str | None = None,
-    verify: bool = False,
-    fsync: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    **fields: Unpack[OptionsFields],
+    **fields: Unpack[ConvertFields],
 ) -> Report:
     """Move a ViT checkpoint to a new image size and/or patch size, writing ``dst`` atomically.
 
@@ -507,8 +497,9 @@ def convert(
         fsync: flush the output to disk before returning (survives a power loss; costs about a copy's time).
         progress: called as ``progress(bytes_done, bytes_total)`` while writing (from the writer's threads;
             the total is an estimate, the input's size, until the end).
-        **fields: the fields of ``target`` and ``options``; ``allow_large`` also lifts the budget on a
-            ``.safetensors`` output, which stores in full a broadcast tensor that a ``.pth`` holds in a few bytes.
+        **fields: the fields of ``target`` and ``options`` (see :func:`plan`); ``allow_large`` also lifts the
+            budget on a ``.safetensors`` output, which stores in full a broadcast tensor that a ``.pth`` holds in
+            a few bytes.
 
     Returns:
         A :class:`Report`.
@@ -518,10 +509,10 @@ def convert(
         >>> [c.key for c in report.plan.changes]  # doctest: +SKIP
         ['pos_embed']
     """
-    with plan(src, target, options, **fields) as p:
-        return p.execute(
-            dst, force=force, dry_run=dry_run, select=select, verify=verify, fsync=fsync, progress=progress
-        )
+    given: dict[str, Any] = dict(fields)
+    execute = {k: given.pop(k) for k in EXECUTE_FIELDS if k in given}
+    with plan(src, target, options, **given) as p:
+        return p.execute(dst, **execute)
 
 
 def inspect(

@@ -17,14 +17,15 @@ from collections.abc import Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
-from . import _render
+from . import _render, options
 from ._version import __version__
 from .errors import UsageError, VitresizeError
 from .keymaps import KEYMAPS
+from .options import Options, Target
 from .resample.conventions import METHODS, Convention
 
 __all__ = ["app", "main"]
@@ -137,22 +138,12 @@ app = typer.Typer(
 )
 
 
-# Choices from the key maps and conventions themselves (pure Python, cheap to import).
-Family = Enum("Family", {name: name for name in ("auto", *KEYMAPS)}, type=str)  # type: ignore[misc]
-Method = Enum("Method", {name: name for name in ("native", *METHODS)}, type=str)  # type: ignore[misc]
-AUTO, NATIVE = Family("auto"), Method("native")
-
-
-class Interpolation(str, Enum):
-    bicubic = "bicubic"
-    bilinear = "bilinear"
-    nearest = "nearest"
-    area = "area"
-
-
-class PatchMethod(str, Enum):
-    pi = "pi"
-    interp = "interp"
+# str Enums of the choices typed in vitresize.options, so that help and completion list them.
+Family = Enum("Family", {v: v for v in get_args(options.Family)}, type=str)  # type: ignore[misc]
+Method = Enum("Method", {v: v for v in get_args(options.Method)}, type=str)  # type: ignore[misc]
+Interpolation = Enum("Interpolation", {v: v for v in get_args(options.Interpolation)}, type=str)  # type: ignore[misc]
+PatchMethod = Enum("PatchMethod", {v: v for v in get_args(options.PatchMethod)}, type=str)  # type: ignore[misc]
+AUTO, NATIVE, PI = Family("auto"), Method("native"), PatchMethod("pi")
 
 
 GEOM = "Target geometry"
@@ -172,30 +163,20 @@ DstArg = Annotated[
         metavar="DST", help="Output: .safetensors, .pth/.pt/.bin or .npz; a folder for a folder.", show_default=False
     ),
 ]
-ImgSizeOpt = Annotated[
-    str | None,
-    typer.Option("--img-size", metavar="N|HxW", help="New image size (grid = img-size / patch).", rich_help_panel=GEOM),
-]
-PatchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--patch", metavar="N|HxW", help="New patch size; alone it keeps the image size.", rich_help_panel=GEOM
-    ),
-]
-GridOpt = Annotated[
-    str | None,
-    typer.Option("--grid", metavar="HxW", help="New patch grid, instead of --img-size.", rich_help_panel=GEOM),
-]
+
+
+def _size(flag: str, metavar: str, help: str, panel: str) -> Any:
+    """An option taking a size (parsed by :class:`~vitresize.options.Target`)."""
+    return typer.Option(flag, metavar=metavar, help=help, rich_help_panel=panel)
+
+
+ImgSizeOpt = Annotated[str | None, _size("--img-size", "N|HxW", "New image size (grid = img-size / patch).", GEOM)]
+PatchOpt = Annotated[str | None, _size("--patch", "N|HxW", "New patch size; alone it keeps the image size.", GEOM)]
+GridOpt = Annotated[str | None, _size("--grid", "HxW", "New patch grid, instead of --img-size.", GEOM)]
 FromImgOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--from-img-size", metavar="HxW", help="Image size the checkpoint was trained at.", rich_help_panel=SRC_GEOM
-    ),
+    str | None, _size("--from-img-size", "HxW", "Image size the checkpoint was trained at.", SRC_GEOM)
 ]
-FromGridOpt = Annotated[
-    str | None,
-    typer.Option("--from-grid", metavar="HxW", help="Patch grid of the checkpoint.", rich_help_panel=SRC_GEOM),
-]
+FromGridOpt = Annotated[str | None, _size("--from-grid", "HxW", "Patch grid of the checkpoint.", SRC_GEOM)]
 # Long choice lists are spelled out in the help text (--method's in the epilog), not in the metavar: Typer
 # prints them in the type column, which at 80 columns folds them mid-word and squeezes the help column.
 FamilyOpt = Annotated[
@@ -215,7 +196,7 @@ InterpOpt = Annotated[
     typer.Option(
         "--interpolation",
         metavar="MODE",
-        help=f"Override mode: {', '.join(m.value for m in Interpolation)}.",
+        help=f"Override mode: {', '.join(get_args(options.Interpolation))}.",
         rich_help_panel=CONV,
     ),
 ]
@@ -227,7 +208,7 @@ PatchMethodOpt = Annotated[
     PatchMethod,
     typer.Option(
         "--patch-method",
-        metavar="|".join(m.value for m in PatchMethod),
+        metavar="|".join(get_args(options.PatchMethod)),
         help="PI-resize (FlexiViT) or plain interpolation.",
         rich_help_panel=CONV,
     ),
@@ -382,7 +363,7 @@ def convert(
     method: MethodOpt = NATIVE,
     interpolation: InterpOpt = None,
     antialias: AntialiasOpt = None,
-    patch_method: PatchMethodOpt = PatchMethod.pi,
+    patch_method: PatchMethodOpt = PI,
     device: DeviceOpt = "cpu",
     select: SelectOpt = None,
     force: ForceOpt = False,
@@ -398,30 +379,30 @@ def convert(
     with _errors():
         if json_ and quiet:
             raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
+        target = Target(img_size=img_size, patch=patch, grid=grid, from_img_size=from_img_size, from_grid=from_grid)
+        opts = Options(
+            family=family.value,
+            method=method.value,
+            interpolation=interpolation.value if interpolation else None,
+            antialias=antialias,
+            patch_method=patch_method.value,
+            device=device,
+            allow_large=allow_large,
+        )
         from . import api
 
         with _render.progress(_input_size(src), enabled=not (json_ or quiet or dry_run)) as bar:
             rep = api.convert(
                 src,
                 dst,
+                target,
+                opts,
                 force=force,
                 dry_run=dry_run,
                 select=select,
                 verify=verify,
                 fsync=fsync,
                 progress=bar,
-                img_size=img_size,
-                patch=patch,
-                grid=grid,
-                from_img_size=from_img_size,
-                from_grid=from_grid,
-                family=family.value,
-                method=method.value,
-                interpolation=interpolation.value if interpolation else None,
-                antialias=antialias,
-                patch_method=patch_method.value,
-                device=device,
-                allow_large=allow_large,
             )
         with _output(product=dry_run, written=dst):
             if json_:

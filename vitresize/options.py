@@ -8,6 +8,7 @@ Errors name the API's parameters (``img_size``); the CLI shows them as its flags
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal, TypedDict, get_args
 
@@ -17,6 +18,8 @@ from .resample.conventions import METHODS, resolve_conventions
 from .resample.geometry import Size, format_size, parse_size
 
 __all__ = [
+    "ConvertFields",
+    "ExecuteFields",
     "Family",
     "Interpolation",
     "Method",
@@ -149,6 +152,10 @@ class Options:
         if self.interpolation is not None:
             _choice("interpolation", self.interpolation, get_args(Interpolation))
         _choice("patch_method", self.patch_method, get_args(PatchMethod))
+        if type(self.allow_large) is not bool:
+            raise UsageError(f"{param('allow_large')} {self.allow_large!r} is not True or False")
+        if self.antialias is not None and type(self.antialias) is not bool:
+            raise UsageError(f"{param('antialias')} {self.antialias!r} is not True, False or None")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise UsageError(f"{param('device')} {self.device!r} is not cpu, cuda or cuda:N")
         native = KEYMAPS[self.family].native_method if self.family in KEYMAPS else "timm"
@@ -177,8 +184,24 @@ class OptionsFields(TargetFields, total=False):
     allow_large: bool
 
 
+class ExecuteFields(TypedDict, total=False):
+    """The keyword arguments of :meth:`vitresize.plans.Plan.execute`, which :func:`vitresize.convert` takes too."""
+
+    force: bool
+    dry_run: bool
+    select: str | None
+    verify: bool
+    fsync: bool
+    progress: Callable[[int, int], None] | None
+
+
+class ConvertFields(OptionsFields, ExecuteFields, total=False):
+    """The keyword arguments of :func:`vitresize.convert`."""
+
+
 TARGET_FIELDS = tuple(f.name for f in fields(Target))
 OPTIONS_FIELDS = tuple(f.name for f in fields(Options))
+EXECUTE_FIELDS = tuple(ExecuteFields.__annotations__)
 
 
 def resolve(target: Target | None, options: Options | None, kwargs: dict[str, object]) -> tuple[Target, Options]:
@@ -188,6 +211,10 @@ def resolve(target: Target | None, options: Options | None, kwargs: dict[str, ob
         TypeError: an unknown keyword argument (as Python raises for a misspelt one).
         UsageError: an invalid value.
     """
+    if target is not None and not isinstance(target, Target):
+        raise TypeError(f"target must be a vitresize.Target, not {type(target).__name__}; pass Target(img_size=...)")
+    if options is not None and not isinstance(options, Options):
+        raise TypeError(f"options must be a vitresize.Options, not {type(options).__name__}; pass Options(...)")
     unknown = sorted(set(kwargs) - set(TARGET_FIELDS) - set(OPTIONS_FIELDS))
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}")

@@ -130,6 +130,7 @@ class ModelPlan:
 
     @property
     def source(self) -> Geometry:
+        """The source geometry (known for every planned model)."""
         assert self.embedding.source is not None
         return self.embedding.source
 
@@ -170,10 +171,12 @@ class Plan:
 
     @property
     def patch_method(self) -> str:
+        """How the patch kernel is resized: ``"pi"`` or ``"interp"``."""
         return self.options.patch_method
 
     @property
     def device(self) -> str:
+        """Where the resampling runs."""
         return self.options.device
 
     @property
@@ -183,6 +186,7 @@ class Plan:
 
     @property
     def family(self) -> str:
+        """The families of the ViTs found, comma-separated."""
         return ", ".join(dict.fromkeys(m.embedding.family for m in self.models))
 
     @property
@@ -192,6 +196,7 @@ class Plan:
 
     @property
     def passed_through(self) -> int:
+        """Tensors of the converted state dicts written byte for byte."""
         return self.num_tensors - len(self.changes)
 
     def execute(

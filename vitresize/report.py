@@ -104,6 +104,7 @@ class Inspection:
 
     @property
     def family(self) -> str | None:
+        """The families of the ViTs found, comma-separated; ``None`` when none was."""
         fams = dict.fromkeys(e.family for e in self.embeddings)
         return ", ".join(fams) if fams else None
 

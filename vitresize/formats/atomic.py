@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointFormatError, OutputExistsError, UsageError, VitresizeError
+from ..errors import CheckpointFormatError, OutputExistsError, UsageError, VitresizeError, param
 
 __all__ = [
     "atomic_folder",
@@ -145,8 +145,10 @@ def check_not_holding(folder: Path, dst: Path, what: str) -> None:
 
 def _exists(dst: Path, st: os.stat_result, fix: str) -> OutputExistsError:
     if stat.S_ISLNK(st.st_mode):
-        return OutputExistsError(f"{dst} already exists (a link to {dst.readlink()}); pass --force to replace the link")
-    return OutputExistsError(f"{dst} already exists; pass --force to {fix}")
+        return OutputExistsError(
+            f"{dst} already exists (a link to {dst.readlink()}); pass {param('force', True)} to replace the link"
+        )
+    return OutputExistsError(f"{dst} already exists; pass {param('force', True)} to {fix}")
 
 
 def check_destination(dst: Path, *, force: bool) -> None:

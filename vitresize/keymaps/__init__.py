@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import UsageError
+from ..errors import UsageError, param
 from .base import Found, KeyMap, TensorInfo, find_in
 from .dinov2 import DINOV2
 from .hf import HF_CLIP, HF_VIT
@@ -35,7 +35,7 @@ def find_vits(tensors: Mapping[str, TensorInfo], family: str = "auto") -> tuple[
     elif family in KEYMAPS:
         keymaps = [KEYMAPS[family]]
     else:
-        raise UsageError(f"--family {family!r} is not one of auto, {', '.join(KEYMAPS)}")
+        raise UsageError(f"{param('family')} {family!r} is not one of auto, {', '.join(KEYMAPS)}")
     found: list[Found] = []
     misses: list[str] = []
     for km in keymaps:

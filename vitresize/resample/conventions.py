@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..errors import UsageError
+from ..errors import UsageError, param
 
 __all__ = [
     "INTERPOLATIONS",
@@ -91,13 +91,15 @@ def _override(base: Convention, interpolation: str | None, antialias: bool | Non
     conv = base
     if interpolation is not None:
         if interpolation not in INTERPOLATIONS:
-            raise UsageError(f"--interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
+            raise UsageError(f"{param('interpolation')} {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         conv = replace(conv, interpolation=interpolation)
     if antialias is not None:
         conv = replace(conv, antialias=antialias)
     if conv.interpolation not in _SMOOTH:
         if antialias:
-            raise UsageError(f"--antialias works only with bicubic or bilinear, not {conv.interpolation}")
+            raise UsageError(
+                f"{param('antialias', True)} works only with bicubic or bilinear, not {conv.interpolation}"
+            )
         conv = replace(conv, antialias=False, align_corners=None, float64=False)
     return conv
 
@@ -109,19 +111,19 @@ def resolve_conventions(
     interpolation: str | None = None,
     antialias: bool | None = None,
 ) -> tuple[str, Convention, Convention]:
-    """Resolve ``--method`` and the overrides into the conventions for the position table and the patch basis.
+    """Resolve ``method`` and the overrides into the conventions for the position table and the patch basis.
 
     Args:
         method: ``native`` or a key of :data:`METHODS`.
         native: the method ``native`` stands for (the family's own library).
-        interpolation: ``--interpolation`` override, applied to both conventions.
-        antialias: ``--antialias/--no-antialias`` override, applied to both conventions.
+        interpolation: an override, applied to both conventions.
+        antialias: an override, applied to both conventions.
 
     Returns:
         ``(method_name, pos_convention, patch_basis_convention)``; ``method_name`` is never ``native``.
     """
     name = native if method == "native" else method
     if name not in METHODS:
-        raise UsageError(f"--method {method!r} is not one of native, {', '.join(METHODS)}")
+        raise UsageError(f"{param('method')} {method!r} is not one of native, {', '.join(METHODS)}")
     basis = PATCH_BASES.get(name, PATCH_BASIS)
     return name, _override(METHODS[name], interpolation, antialias), _override(basis, interpolation, antialias)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..errors import VitresizeError
+from ..errors import VitresizeError, param
 from .conventions import RESAMPLED_DTYPES, Convention
 from .geometry import Size
 
@@ -44,7 +44,7 @@ def memory_guard(what: str) -> Iterator[None]:
         return
     raise VitresizeError(
         f"out of memory while resampling {what}; choose a smaller target, free some memory, or resample on "
-        f"another --device"
+        f"another {param('device')}"
     )
 
 
