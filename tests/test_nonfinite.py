@@ -6,18 +6,28 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from vitresize.formats import _dtypes, open_checkpoint
 from vitresize.formats._dtypes import ST_DTYPES, TORCH_TO_ST, count_nonfinite
-from vitresize.formats.base import ROOT
-from vitresize.formats.safetensors import tensor_bytes
+from vitresize.formats.base import ROOT, nonfinite
+from vitresize.formats.safetensors import SafetensorsCheckpoint, tensor_bytes
 
 COUNTED = ("float16", "bfloat16", "float32", "float64")
-"""The dtypes whose NaN/Inf are counted from bytes; every other code counts 0."""
+"""The wider floats, whose NaN/Inf are those with all exponent bits set."""
 FLOAT8 = ("float8_e5m2", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+"""Also counted from bytes, each by its own rule; every code in neither tuple counts 0."""
+FLOAT8_NONFINITE = {
+    "float8_e5m2": 8,
+    "float8_e4m3fn": 2,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}
+"""NaN/Inf among each float8 dtype's 256 patterns: e5m2 +-Inf and 6 NaNs, e4m3fn +-NaN, the others one NaN each."""
 NOT_FLOAT = ("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "complex64")
 
 
@@ -78,7 +88,7 @@ def test_every_16_bit_pattern_matches_torch(name: str) -> None:
     assert count_nonfinite(raw(t), TORCH_TO_ST[name]) == want
 
 
-@pytest.mark.parametrize("name", COUNTED)
+@pytest.mark.parametrize("name", COUNTED + FLOAT8)
 @pytest.mark.parametrize("seed", range(3))
 def test_random_bytes_match_torch(name: str, seed: int) -> None:
     t = random_bits(100_003, torch_dtype(name), seed)
@@ -121,10 +131,41 @@ def test_other_codes_count_zero(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FLOAT8)
-@pytest.mark.xfail(strict=True, reason="float8 NaN/Inf are not counted from bytes (count 0), unlike torch's count")
 def test_every_float8_pattern(name: str) -> None:
     t = every_pattern(torch_dtype(name))
-    assert count_nonfinite(raw(t), TORCH_TO_ST[name]) == oracle(t)
+    want = oracle(t)
+    assert want == FLOAT8_NONFINITE[name] == int((~torch.isfinite(t.float())).sum()) == nonfinite(t)
+    assert count_nonfinite(raw(t), TORCH_TO_ST[name]) == want
+    for b in range(256):  # pattern by pattern, so a wrong rule names the byte
+        assert count_nonfinite(bytes([b]), TORCH_TO_ST[name]) == oracle(t[b : b + 1]), hex(b)
+
+
+@pytest.mark.parametrize("name", FLOAT8)
+def test_float8_across_chunk_boundaries(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_dtypes, "_CHUNK_BYTES", 7)
+    g = torch.Generator().manual_seed(1)
+    t = every_pattern(torch_dtype(name)).repeat(2)[torch.randperm(512, generator=g)]
+    for n in range(len(t) + 1):
+        assert count_nonfinite(raw(t[:n]), TORCH_TO_ST[name]) == oracle(t[:n]), n
+
+
+def test_float8_through_the_safetensors_reader(tmp_path: Path) -> None:
+    """``inspect`` of an fp8 safetensors file counts the NaN/Inf torch counts (it counted 0)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(FLOAT8):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(4096, generator=g, dtype=torch.float64) * 100
+        x[::5] = float("nan")
+        x[1::7] = float("inf")
+        x[2::9] = -float("inf")
+        tensors[name] = x.to(torch_dtype(name)).reshape(64, 64)
+        tensors[f"{name}.every"] = every_pattern(torch_dtype(name))
+    save_file(tensors, str(tmp_path / "fp8.safetensors"))
+    with SafetensorsCheckpoint(tmp_path / "fp8.safetensors") as ckpt:
+        for key, t in tensors.items():
+            want = int((~torch.isfinite(t.float())).sum())
+            assert want > 0, key
+            assert ckpt.count_nonfinite("", key) == want == nonfinite(ckpt.tensor(ROOT, key)), key
 
 
 @pytest.mark.parametrize("code", ["F16", "BF16", "F32", "F64", "F8_E4M3", "I64", "BOOL", "NOPE", ""])
@@ -182,5 +223,8 @@ def test_counting_does_not_import_torch(tmp_path: Path) -> None:
 
 
 def test_codes_cover_the_reader() -> None:
-    assert {TORCH_TO_ST[n] for n in COUNTED} == set(_dtypes._EXPONENT)
-    assert all(ST_DTYPES[TORCH_TO_ST[n]][1] == torch.empty(0, dtype=torch_dtype(n)).element_size() for n in COUNTED)
+    counted = COUNTED + FLOAT8
+    assert {TORCH_TO_ST[n] for n in counted} == set(_dtypes._NONFINITE)
+    assert all(ST_DTYPES[TORCH_TO_ST[n]][1] == torch.empty(0, dtype=torch_dtype(n)).element_size() for n in counted)
+    for n in counted:  # numpy reads elements of the dtype's size
+        assert np.dtype(_dtypes._NONFINITE[TORCH_TO_ST[n]][0]).itemsize == ST_DTYPES[TORCH_TO_ST[n]][1], n
