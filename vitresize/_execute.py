@@ -273,7 +273,7 @@ def _report(
     return Report(
         plan=plan,
         dst=dst,
-        dst_format=writer.format,  # type: ignore[arg-type]
+        dst_format=writer.format,
         dry_run=written is None,
         bytes_written=written.bytes if written else 0,
         written_state_dicts=sds,

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .options import OutputFormat
     from .plans import Embedding, Plan
 
 __all__ = ["JSON_SCHEMA_VERSION", "Inspection", "Report", "StateDictSummary", "Verification"]
@@ -35,7 +34,8 @@ class Report:
 
     plan: Plan
     dst: Path
-    dst_format: OutputFormat
+    dst_format: str
+    """The writer's format (:data:`vitresize.options.OutputFormat` for the built-in ones)."""
     dry_run: bool
     bytes_written: int
     written_state_dicts: tuple[str, ...]

@@ -84,18 +84,23 @@ def sniff(path: Path) -> str:
     """
     if is_folder(path):
         raise CheckpointFormatError(f"{path} is a folder; pass the checkpoint file inside it")
+    longest = max(len(getattr(reader, "magic", b"")) for reader in READERS.values())
     with open_regular(path) as f:
         try:
-            head = f.read(9)
+            head = f.read(max(9, longest))
         except OSError as e:
             raise CheckpointFormatError(f"cannot read {path}: {e.strerror}") from None
         size = os.fstat(f.fileno()).st_size
     if not head:
         raise CheckpointFormatError(f"{path} is empty (0 bytes); re-download or re-save it")
+    for name, reader in READERS.items():  # a format with a signature of its own
+        magic = getattr(reader, "magic", b"")
+        if magic and head.startswith(magic):
+            return name
     if head.startswith(b"PK\x03\x04"):
         return _zip_kind(path)
     # safetensors first: its 8-byte header length may start with 0x80, like a pickle.
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
         if 8 + n <= size:
             return "safetensors"

@@ -233,14 +233,14 @@ def atomic_path(dst: Path, *, force: bool, fsync: bool = False, mode: int | None
         raise
 
 
-def check_folder_destination(dst: Path, *, force: bool) -> None:
-    """For a folder output: refuse an existing file, an existing folder without ``force``, a missing parent. A
-    link is never followed: whatever it leads to (a file too), it exists, and with ``force`` is replaced as a
-    link."""
+def check_folder_destination(dst: Path, *, force: bool, file_suffixes: tuple[str, ...] = ()) -> None:
+    """For a folder output: refuse an existing file, a name ending in one of ``file_suffixes`` (a file format's),
+    an existing folder without ``force``, a missing parent. A link is never followed: whatever it leads to (a
+    file too), it exists, and with ``force`` is replaced as a link."""
     st = _lstat(dst)  # a link is not followed: whatever it leads to, it is replaced as a link (with force)
     if st is not None and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
         raise CheckpointFormatError(f"{dst} is a file; a model folder converts to a folder: give a folder name")
-    if dst.suffix.lower() in (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".npz"):
+    if dst.suffix.lower() in file_suffixes:
         raise UsageError(
             f"a model folder converts to a folder, not to a {dst.suffix} file; give a folder name for DST "
             f"(or convert one weights file of the folder on its own)"

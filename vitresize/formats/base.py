@@ -111,6 +111,7 @@ class Checkpoint(ABC):
         path: the file (or folder).
         format: ``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``, ``"npz"``, or a folder's kind.
         writer: the output format that writes this kind of file (a model folder writes each file in its own).
+        magic: the bytes its files start with, if it has such a signature.
         metadata: string metadata stored in the file (safetensors ``__metadata__``), else empty.
         state_dicts: every model-like dict, by name (``"model"``, ``"model_ema"``; ``""`` for a flat file),
             mapping keys to :class:`TensorInfo`.
@@ -123,6 +124,9 @@ class Checkpoint(ABC):
     path: Path
     format: str
     writer: ClassVar[str]
+    magic: ClassVar[bytes] = b""
+    """The bytes a file of this format starts with, for :func:`~vitresize.formats.sniff` (empty for the formats
+    it tells apart by their structure: safetensors, torch pickles, zip archives)."""
     metadata: dict[str, str]
     state_dicts: dict[str, dict[str, TensorInfo]]
     extras: list[str]

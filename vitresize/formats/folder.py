@@ -365,7 +365,8 @@ class FolderWriter(Writer):
         src = ckpt.path.resolve()
         for folder in dict.fromkeys(real.parent for real in ckpt.files.values() if src not in real.parents):
             check_not_holding(folder, dst, f"holds files that {ckpt.path} links to")
-        check_folder_destination(dst, force=force)
+        suffixes = tuple(s for w in self.writers.values() for s in w.suffixes)
+        check_folder_destination(dst, force=force, file_suffixes=suffixes)
 
     @contextlib.contextmanager
     def atomic(self, ckpt: Checkpoint, dst: Path, *, force: bool, fsync: bool) -> Iterator[Path]:
