@@ -678,3 +678,16 @@ def test_options_bool_fields_are_bools(field: str, value: object) -> None:
     """A truthy string must not lift the budgets (or switch antialiasing) by accident."""
     with pytest.raises(UsageError, match=f"^{field} "):
         vitresize.Options(**{field: value})  # type: ignore[arg-type]
+
+
+def test_error_repr_and_args_name_parameters() -> None:
+    """repr() and args (what logging and pytest show) carry the API's text, no marker characters."""
+    with pytest.raises(UsageError) as info:
+        Target(img_size=384, grid=24)
+    err = info.value
+    assert "\ue000" not in repr(err) and "\ue000" not in str(err.args[0])
+    assert "img_size" in repr(err) and "--img-size" in err.cli_message()
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.cli_message() == err.cli_message()

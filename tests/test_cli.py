@@ -323,3 +323,12 @@ def test_json_with_quiet_is_a_usage_error(run: Any, tmp_path: Path, flags: list[
     assert list(tmp_path.iterdir()) == []
     res = run("inspect", fixture("timm_vit_cls.pth"), "--json", "-q")  # inspect has no --quiet
     assert res.exit_code == 2 and res.stdout == "" and "No such option: -q" in _one_error_line(res)
+
+
+def test_tables_name_the_flag_the_grid_came_from(run: Any, tmp_path: Path) -> None:
+    """Where the grid came from is shown as the flag in the inspect table and the verbose convert table."""
+    src = fixture("timm_vit_32x48.safetensors")
+    res = run("inspect", src, "--from-grid", "2x3")
+    assert res.exit_code == 0 and "(--from-grid)" in res.stdout and "from_grid" not in res.stdout
+    res = run("convert", src, tmp_path / "o.safetensors", "--from-grid", "2x3", "--grid", "4x6", "-v")
+    assert res.exit_code == 0 and "grid from --from-grid" in res.stdout, res.stdout

@@ -186,3 +186,15 @@ def test_plan_api_reads_shapes_only() -> None:
             ("patch_embed.proj.weight", (16, 3, 4, 4)),
         ]
         assert p.to_dict()["new_grid"] == [12, 12]
+
+
+def test_a_tensor_named_metadata_cannot_go_to_safetensors(run: Any, tmp_path: Path) -> None:
+    """safetensors reserves ``__metadata__``: one line naming the key, nothing written (a .pth still works)."""
+    sd = load_any(fixture("timm_vit_cls.pth"))
+    sd["__metadata__"] = torch.zeros(2)
+    src = tmp_path / "meta.pth"
+    torch.save(sd, src)
+    res = run("convert", src, tmp_path / "o.safetensors", "--img-size", "48")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "'__metadata__'" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.pth"]
+    assert run("convert", src, tmp_path / "o.pth", "--img-size", "48").exit_code == 0

@@ -125,3 +125,15 @@ def test_broken_folders_get_one_error_line(run: Any, sharded: Path, damage: Any,
     damage(sharded)
     res = run("inspect", sharded)
     assert res.exit_code == 1 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_relative_folder_src_converts_next_to_itself(
+    sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regular files of a folder given by a relative path are not mistaken for links out of it: the folder
+    converts in place (DST spelt another way, with force), as it does given by its absolute path."""
+    monkeypatch.chdir(sharded.parent)
+    dst = Path("..") / sharded.parent.name / sharded.name
+    rep = vitresize.convert(Path(sharded.name), dst, img_size=48, verify=True, force=True)
+    assert rep.verified is not None and leftovers(tmp_path) == []
+    assert vitresize.inspect(sharded).embeddings[0].pos_shape == (1, 37, 16)

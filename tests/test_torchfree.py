@@ -245,3 +245,23 @@ def test_verbose_and_json_say_what_resampled(tmp_path: Path, run: object) -> Non
     assert ("torch not imported" in res.stdout) == (VARIANT is not None)
     res = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.pth", "--img-size", "48", "--json")  # type: ignore[operator]
     assert json.loads(res.stdout)["engine"] == "torch"
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_nothing_to_resample_imports_no_torch(tmp_path: Path, verify: bool) -> None:
+    """A no-op target (the source's own geometry) copies a safetensors file without importing torch."""
+    script = (
+        "import sys\nimport vitresize\n"
+        "rep = vitresize.convert(sys.argv[1], sys.argv[2], img_size=32, verify=sys.argv[3] == '1')\n"
+        "print(rep.engine, len(rep.plan.changes), 'torch' in sys.modules)\n"
+    )
+    dst = tmp_path / "same.safetensors"
+    src = fixture("timm_vit_cls.safetensors")
+    out = subprocess.run(
+        [sys.executable, "-c", script, src, dst, "1" if verify else "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.split() == ["None", "0", "False"]

@@ -175,9 +175,16 @@ class _Resampled:
         self.engine: str | None = None
         """``"numpy"`` or ``"torch"``: what computed them (``None`` until computed)."""
         self._out: dict[Key, Any] | None = None
+        self._lock = threading.Lock()
 
     def __call__(self) -> dict[Key, Any]:
         """``torch.Tensor`` values, or :class:`~.resample.torchfree.Table` ones with ``torch_free``."""
+        with self._lock:  # writers call it from one thread today; a writer with threads of its own may not
+            return self._compute()
+
+    def _compute(self) -> dict[Key, Any]:
+        if not self.plan.changes:  # nothing to resample: no torch import either
+            self._out = {}
         if self._out is None:
             try:
                 fast = _resample_torchfree(self.plan, self.ckpt) if self.torch_free and self.plan.changes else None
@@ -226,6 +233,18 @@ def _provenance(plan: Plan) -> dict[str, str]:
         "vitresize.antialias": str(plan.pos_convention.antialias).lower(),
         "vitresize.patch_method": plan.patch_method,
     }
+
+
+def _reopen(tmp: Path, dst: Path) -> Checkpoint:
+    """The written output, opened by its reader to check it.
+
+    Raises:
+        InternalError: it cannot be read back (what vitresize wrote, its reader refuses).
+    """
+    try:
+        return open_file(tmp)
+    except VitresizeError as e:
+        raise InternalError(f"the output for {dst} cannot be read back ({e}); nothing was written") from e
 
 
 def _check_written(
@@ -359,7 +378,7 @@ def execute(
     try:
         with writer.atomic(ckpt, dst, force=force, fsync=fsync) as tmp:
             written = writer.write(tmp, job, tick)
-            with open_file(tmp) as out:
+            with _reopen(tmp, dst) as out:
                 _check_written(dst, ckpt, out, writer, sds, resampled.changes)
                 if verify:
                     verified = verify_output(ckpt, out, writer.whole_container, sds, set(resampled.changes))

@@ -300,7 +300,7 @@ def report(rep: Report, *, verbose: bool = False) -> None:
             ("verified", f"{v.tensors} pass-through tensors ({_bytes(v.bytes)}) identical to the input (SHA-256)")
         )
     if verbose:
-        rows.append(("source", f"{plan.src} ({plan.src_format}); grid from {e.geometry_from}"))
+        rows.append(("source", f"{plan.src} ({plan.src_format}); grid from {_cli(e.geometry_from)}"))
         if rep.engine is not None:
             how = "numpy, bit for bit as torch's CPU kernel; torch not imported" if rep.engine == "numpy" else "torch"
             rows.append(("resampled by", how))
@@ -334,7 +334,7 @@ def _embedding_rows(e: Embedding) -> list[str]:
         f"{e.family} ({e.variant})",
         f"{e.pos_key} {_shape(e.pos_shape)}",
         str(e.prefix_rows),
-        f"{format_size(g.grid)} ({e.geometry_from})" if g else "?",
+        f"{format_size(g.grid)} ({_cli(e.geometry_from)})" if g else "?",
         f"{e.patch_key} {_shape(e.patch_shape)}",
         format_size(g.img_size) if g and e.stride_known else "?",
         ", ".join(k for k in e.prefix_keys) or "-",

@@ -68,13 +68,17 @@ class VitresizeError(Exception):
 
     exit_code: int = 1
 
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(Message(message), *args)  # args[0] (and repr) in the API's form
+
     def __str__(self) -> str:
         return str(self.message)
 
     @property
     def message(self) -> Message:
         """The message, to show as the API (``str``) or the command line (``.cli``) names parameters."""
-        return Message(super().__str__())
+        first = self.args[0] if self.args else ""
+        return first if isinstance(first, Message) else Message(str(first))
 
     def cli_message(self) -> str:
         """The message as the command line says it: parameters named by their flags."""

@@ -261,9 +261,10 @@ def _send(fd: int, n: int) -> None:
 
 def _send_error(fd: int, e: BaseException) -> None:
     if isinstance(e, OSError):
-        info: dict[str, Any] = {"type": "OSError", "errno": e.errno, "strerror": e.strerror or str(e)}
+        name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else None
+        info: dict[str, Any] = {"type": "OSError", "errno": e.errno, "strerror": e.strerror or str(e), "filename": name}
     elif isinstance(e, CheckpointFormatError):
-        info = {"type": "CheckpointFormatError", "message": str(e)}
+        info = {"type": "CheckpointFormatError", "message": e.message.raw}
     else:
         info = {"type": type(e).__name__, "message": str(e)}
     raw = json.dumps(info).encode()
@@ -276,7 +277,7 @@ def _error_from(raw: bytes) -> BaseException:
     except ValueError:
         return CheckpointFormatError("the copy process failed (unreadable report)")
     if info.get("type") == "OSError":
-        return OSError(info.get("errno"), info.get("strerror"))
+        return OSError(info.get("errno"), info.get("strerror"), info.get("filename"))
     if info.get("type") == "CheckpointFormatError":
         return CheckpointFormatError(info.get("message", ""))
     return CheckpointFormatError(f"the copy process failed: {info.get('type')}: {info.get('message')}")

@@ -318,7 +318,7 @@ def _discard(tmp: Path, dst: Path, error: BaseException) -> None:
     except OSError as e:
         if not isinstance(error, (OSError, VitresizeError)):
             return
-        what = str(error) if isinstance(error, VitresizeError) else f"cannot write {dst}: {_reason(error)}"
+        what = error.message.raw if isinstance(error, VitresizeError) else f"cannot write {dst}: {_reason(error)}"
         raise CheckpointFormatError(
             f"{what}; the temp folder {tmp} is left behind ({_reason(e)}): remove it by hand"
         ) from error

@@ -249,6 +249,18 @@ class ShardedCheckpoint(Checkpoint):
         self.index: dict[str, Any] = {}
         self.duplicates: list[str] = []  # other weights files, left out of a folder output
         self.shards: dict[str, Checkpoint] = {}
+        try:
+            infos = self._open_shards(open_file)
+        except BaseException:
+            self._release()  # the shards opened so far
+            raise
+        self.state_dicts = {ROOT: infos}
+        self.metadata = {}
+        self.extras = []
+
+    def _open_shards(self, open_file: Callable[[Path], Checkpoint]) -> dict[str, TensorInfo]:
+        """Open the weights files (read through the index, or the single one) and check them against each other."""
+        folder = self.path
         if self.index_path is None:
             self.format = "folder"
             weights, others = _single_weights(folder)
@@ -287,9 +299,7 @@ class ShardedCheckpoint(Checkpoint):
         missing = sorted(set(weight_map) - set(infos))
         if missing:
             raise CheckpointFormatError(f"{self.index_path} lists {missing[0]!r}, which no shard holds")
-        self.state_dicts = {ROOT: infos}
-        self.metadata = {}
-        self.extras = []
+        return infos
 
     @property
     def size_bytes(self) -> int:
@@ -363,7 +373,7 @@ class FolderWriter(Writer):
         """Also refuse a DST that is, or holds, a folder the input links into (a hub cache's ``blobs/``)."""
         assert isinstance(ckpt, ShardedCheckpoint)
         src = ckpt.path.resolve()
-        for folder in dict.fromkeys(real.parent for real in ckpt.files.values() if src not in real.parents):
+        for folder in dict.fromkeys(real.parent for real in ckpt.files.values() if src not in real.resolve().parents):
             check_not_holding(folder, dst, f"holds files that {ckpt.path} links to")
         suffixes = tuple(s for w in self.writers.values() for s in w.suffixes)
         check_folder_destination(dst, force=force, file_suffixes=suffixes)

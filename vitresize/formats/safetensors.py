@@ -479,6 +479,11 @@ def _header_bytes(segments: list[Segment], metadata: dict[str, str]) -> bytes:
         header["__metadata__"] = metadata
     offset = 0
     for s in segments:
+        if s.key == "__metadata__":
+            raise CheckpointFormatError(
+                "a tensor is named '__metadata__', which safetensors reserves for the file's metadata; "
+                "write a .pth instead (or rename the tensor)"
+            )
         if s.dtype not in TORCH_TO_ST:
             raise CheckpointFormatError(
                 f"tensor {s.key!r} has dtype {s.dtype}, which safetensors cannot store; write a .pth instead"
