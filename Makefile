@@ -29,8 +29,8 @@ demo: install
 test: install
 	$(BIN)/pytest
 
-# The slow tests (the timm architecture survey, ~30 s; a wheel installed into a fresh venv, ~1-2 min and ~6 GB of
-# temporary disk); pytest's exit code 5 (none collected) is not a failure.
+# The slow tests (the timm architecture survey, the full fuzz set, the kernel sweeps: ~1 min; a wheel installed into
+# a fresh venv: ~1-2 min, ~6 GB of temporary disk); pytest's exit code 5 (none collected) is not a failure.
 test-slow: install
 	$(BIN)/pytest -m slow || [ $$? -eq 5 ]
 

@@ -98,6 +98,7 @@ _SWEEP_SCRIPT = (
 
 
 @needs_variant
+@pytest.mark.slow
 @pytest.mark.parametrize(("capability", "variant"), [("default", "plain"), ("avx2", "fma")])
 def test_other_torch_kernels(capability: str, variant: str) -> None:
     """torch's other CPU builds of the kernel (ATEN_CPU_CAPABILITY picks one), in a fresh process."""
