@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .keymaps import KEYMAPS
-from .keymaps.base import kernel_size
+from .keymaps.base import PatchLayout, PosLayout, kernel_size
 from .options import Op, Options, Target
 from .resample.conventions import Convention
 from .resample.geometry import Geometry, Size
@@ -62,12 +62,12 @@ class Embedding:
     the kernel, and the image size unknown."""
 
     @property
-    def pos_layout(self) -> str:
+    def pos_layout(self) -> PosLayout:
         """``"1LD"``, or ``"LD"`` for a 2-D table (CLIP): the family's."""
         return KEYMAPS[self.family].pos_layout
 
     @property
-    def patch_layout(self) -> str:
+    def patch_layout(self) -> PatchLayout:
         """``"OIHW"``, or ``"HWIO"`` (JAX): the family's."""
         return KEYMAPS[self.family].patch_layout
 

@@ -6,10 +6,13 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
     "Found",
     "KeyMap",
+    "PatchLayout",
+    "PosLayout",
     "TensorInfo",
     "find_in",
     "kernel_shape",
@@ -24,24 +27,30 @@ __all__ = [
 # (torch) or "HWIO" (JAX).
 
 
-def pos_rows(shape: tuple[int, ...], layout: str) -> int | None:
+PosLayout = Literal["1LD", "LD"]
+"""A position table's layout: ``[1, rows, dim]`` (``1LD``), or ``[rows, dim]`` (``LD``: CLIP)."""
+PatchLayout = Literal["OIHW", "HWIO"]
+"""A patch kernel's layout: torch's ``[dim, channels, ph, pw]`` (``OIHW``), or JAX's ``[ph, pw, channels, dim]``."""
+
+
+def pos_rows(shape: tuple[int, ...], layout: PosLayout) -> int | None:
     """Rows of a position table of this layout, or ``None`` if the shape is not one."""
     if layout == "LD":
         return shape[0] if len(shape) == 2 else None
     return shape[1] if len(shape) == 3 and shape[0] == 1 else None
 
 
-def pos_shape(rows: int, dim: int, layout: str) -> tuple[int, ...]:
+def pos_shape(rows: int, dim: int, layout: PosLayout) -> tuple[int, ...]:
     """The shape of a position table of this layout."""
     return (rows, dim) if layout == "LD" else (1, rows, dim)
 
 
-def kernel_size(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+def kernel_size(shape: tuple[int, ...], layout: PatchLayout) -> tuple[int, int]:
     """``(ph, pw)`` of a patch kernel of this layout."""
     return (shape[0], shape[1]) if layout == "HWIO" else (shape[-2], shape[-1])
 
 
-def kernel_shape(shape: tuple[int, ...], patch: tuple[int, int], layout: str) -> tuple[int, ...]:
+def kernel_shape(shape: tuple[int, ...], patch: tuple[int, int], layout: PatchLayout) -> tuple[int, ...]:
     """A kernel's shape at another patch size."""
     return (*patch, *shape[2:]) if layout == "HWIO" else (*shape[:2], *patch)
 
@@ -93,8 +102,8 @@ class KeyMap:
     native_method: str
     no_embed_class: bool = False
     sep: str = "."
-    pos_layout: str = "1LD"
-    patch_layout: str = "OIHW"
+    pos_layout: PosLayout = "1LD"
+    patch_layout: PatchLayout = "OIHW"
     requires: tuple[str, ...] = ()
     native_when: tuple[tuple[str, str], ...] = ()
     position_ids: str | None = None
