@@ -118,12 +118,17 @@ def test_target_from_grid_and_from_img_size_together_is_refused() -> None:
     ],
 )
 def test_target_invalid_size_names_the_parameter(name: str, value: Any, why: str) -> None:
-    with pytest.raises(UsageError) as e:
-        Target(**{name: value})
-    text = _api_only(str(e.value))
+    text = _refusal(Target, name, value)
     assert text.startswith(f"{name} ") and why in text
-    assert e.value.cli_message().startswith("--" + name.replace("_", "-") + " ")
     assert len(text) < 200  # a huge value is shown cut
+
+
+def _refusal(cls: Any, name: str, value: Any) -> str:
+    """The API's message refusing ``cls(name=value)``, checked to name the flag in the CLI's form."""
+    with pytest.raises(UsageError) as e:
+        cls(**{name: value})
+    assert e.value.cli_message().startswith("--" + name.replace("_", "-") + " ")
+    return _api_only(str(e.value))
 
 
 # -- Options ----------------------------------------------------------------------------------------------------------
@@ -171,11 +176,8 @@ def test_options_accept_every_choice() -> None:
     ],
 )
 def test_options_bad_choice_names_the_parameter(name: str, value: Any, listed: str) -> None:
-    with pytest.raises(UsageError) as e:
-        Options(**{name: value})
-    text = _api_only(str(e.value))
+    text = _refusal(Options, name, value)
     assert text.startswith(f"{name} {value!r} is not ") and listed in text
-    assert e.value.cli_message().startswith("--" + name.replace("_", "-") + " ")
 
 
 def test_options_method_message_lists_every_method() -> None:
