@@ -716,3 +716,48 @@ def test_checks_are_not_run_again_on_well_formed_files(tmp_path: Path, monkeypat
     monkeypatch.setattr(tp, "check_zip", lambda path: pytest.fail(f"check_zip ran on {path}"))
     for name in ("timm_vit_cls.pth", "deit_distilled.pth", "timm_vit_fp16.pth"):
         assert TorchCheckpoint(fixture(name), zip_format=True)._index is not None
+
+
+# --- a member whose central directory entry lies about its sizes ----------------------------------------------
+
+
+def _patched_sizes(src: Path, dst: Path, member: str, field: int, value: int) -> Path:
+    """``src`` with one central directory entry's compressed (20) or uncompressed (24) size overwritten."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        names = [i.filename for i in z.infolist()]
+    cd = data.find(b"PK\x01\x02")
+    for name in names:  # central directory entries in order: skip to the member's
+        length = (
+            46 + int.from_bytes(data[cd + 28 : cd + 30], "little") + int.from_bytes(data[cd + 30 : cd + 32], "little")
+        )
+        length += int.from_bytes(data[cd + 32 : cd + 34], "little")
+        if name.endswith(member):
+            data[cd + field : cd + field + 4] = value.to_bytes(4, "little")
+            dst.write_bytes(bytes(data))
+            return dst
+        cd += length
+    raise AssertionError(member)
+
+
+@pytest.mark.parametrize(
+    "member", ["/.data/serialization_id", "/byteorder", "/data/0", "/data.pkl", "/version", "/.format_version"]
+)
+@pytest.mark.parametrize("field", [20, 24])
+@pytest.mark.parametrize("value", [0, 2**31, 0xFFFFFFFF, 3])
+def test_member_sizes_torch_refuses_are_refused(member: str, field: int, value: int, tmp_path: Path) -> None:
+    """torch's zip reader (miniz) checks every entry's sizes when it opens the archive: what it refuses, vitresize
+    refuses in one line before reading, and never converts a file torch.load cannot load (found by the fuzzer:
+    a .pth whose serialization_id entry declared 2 GiB converted, as the index never reads that member)."""
+    src = _saved(tmp_path, _sd())
+    hostile = _patched_sizes(src, tmp_path / "sizes.pth", member, field, value)
+    try:
+        _torch(hostile, mmap=False)
+        torch_reads = True
+    except Exception:
+        torch_reads = False
+    if torch_reads:
+        _converts_as_torch_reads(hostile, tmp_path / "o.safetensors")
+    else:
+        line = _refused(hostile, tmp_path / "o.safetensors")
+        assert "zip member" in line or "torch" in line, line

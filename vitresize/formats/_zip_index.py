@@ -450,6 +450,33 @@ def _members(path: Path, z: zipfile.ZipFile) -> tuple[dict[bytes, zipfile.ZipInf
     return members, _raw_name(first).split(b"/")[0] + b"/"
 
 
+def _check_sizes(path: Path, members: dict[bytes, zipfile.ZipInfo], size: int) -> None:
+    """Every member's sizes as miniz checks them when torch opens the archive (``mz_zip_reader_read_central_dir``):
+    a stored member's two sizes agree, a member with data has compressed bytes, and they lie inside the file.
+    Sizes of 0xFFFFFFFF (a zip64 field without its extra record) are refused too: miniz fails to read them.
+
+    Raises:
+        CheckpointFormatError: one line naming the member.
+    """
+    corrupt = "(a corrupt or crafted file, which torch.load refuses); get an intact copy of the checkpoint"
+    for info in members.values():
+        comp, full = info.compress_size, info.file_size
+        if 0xFFFFFFFF in (comp, full) and not info.extra:
+            raise CheckpointFormatError(
+                f"{path}: zip member {info.filename!r} declares a size of 0xFFFFFFFF without the zip64 record "
+                f"that would hold it {corrupt}"
+            )
+        if (info.compress_type == zipfile.ZIP_STORED and comp != full) or (full and not comp):
+            raise CheckpointFormatError(
+                f"{path}: zip member {info.filename!r} declares {comp} bytes stored for {full} {corrupt}"
+            )
+        if info.header_offset + 30 + comp > size:
+            raise CheckpointFormatError(
+                f"{path}: zip member {info.filename!r} declares {comp} bytes from offset {info.header_offset}, "
+                f"past the end of the file ({size} bytes) {corrupt}"
+            )
+
+
 def _check_records(path: Path, members: dict[bytes, zipfile.ZipInfo], prefix: bytes) -> None:
     """The members torch reads whole are at most MAX_RECORD bytes and inflate at most MAX_RATIO times."""
     for record in _RECORDS:
@@ -523,6 +550,7 @@ def read_zip_index(path: Path) -> ZipIndex | None:
     try:
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
             members, prefix = _members(path, z)
+            _check_sizes(path, members, f.seek(0, io.SEEK_END))
             _check_records(path, members, prefix)
             if not _end_record_agrees(f, z):
                 return None
@@ -568,8 +596,9 @@ def check_zip(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
             members, prefix = _members(path, z)
-            _check_records(path, members, prefix)
             size = f.seek(0, io.SEEK_END)
+            _check_sizes(path, members, size)
+            _check_records(path, members, prefix)
             for name, member in members.items():
                 if name.startswith(prefix + b"data/") and member.compress_type != zipfile.ZIP_STORED:
                     raise CheckpointFormatError(
