@@ -761,3 +761,22 @@ def test_member_sizes_torch_refuses_are_refused(member: str, field: int, value: 
     else:
         line = _refused(hostile, tmp_path / "o.safetensors")
         assert "zip member" in line or "torch" in line, line
+
+
+@pytest.mark.parametrize(
+    "member", ["/.format_version", "/.data/serialization_id", "/byteorder", "/version", "/.storage_alignment"]
+)
+def test_a_broken_local_header_of_a_record_torch_reads_is_refused(member: str, tmp_path: Path) -> None:
+    """torch.load reads these records whole and checks their local headers: a flipped bit in one (found by the
+    fuzzer in .format_version, which the index itself does not need) makes the file unloadable, so vitresize
+    refuses it rather than converting it from the storages alone."""
+    src = _saved(tmp_path, _sd())
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member))
+    data[info.header_offset + 1] ^= 0x80  # "PK\x03\x04" -> "P\xcb\x03\x04"
+    hostile = tmp_path / "local.pth"
+    hostile.write_bytes(bytes(data))
+    with pytest.raises(Exception):  # noqa: B017 - the reference refuses it, whatever it raises
+        _torch(hostile, mmap=False)
+    _refused(hostile, tmp_path / "o.safetensors")

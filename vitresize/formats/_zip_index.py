@@ -74,7 +74,16 @@ MAX_RATIO = 100  # deflate ratio above which a member is refused as a bomb (pick
 _MAX_VERSION = 10  # torch 2.x reads zip format versions 1..10; torch.save writes 3
 _INT64 = 2**63
 # The members torch.load reads whole, under the archive folder.
-_RECORDS = ("data.pkl", "byteorder", "version", ".data/version", ".format_version", ".storage_alignment")
+_RECORDS = (
+    "data.pkl",
+    "byteorder",
+    "version",
+    ".data/version",
+    ".format_version",
+    ".storage_alignment",
+    ".data/serialization_id",
+)
+"""The members torch.load reads whole (where present)."""
 
 
 class _Unsupported(Exception):
@@ -554,6 +563,9 @@ def read_zip_index(path: Path) -> ZipIndex | None:
             _check_records(path, members, prefix)
             if not _end_record_agrees(f, z):
                 return None
+            for record in _RECORDS:  # torch reads each of them: a broken local header fails torch.load
+                if prefix + record.encode() in members:
+                    _read_record(f, members[prefix + record.encode()])
             version = members.get(prefix + b".data/version", members.get(prefix + b"version"))
             if version is None:
                 return None
