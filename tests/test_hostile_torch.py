@@ -780,3 +780,14 @@ def test_a_broken_local_header_of_a_record_torch_reads_is_refused(member: str, t
     with pytest.raises(Exception):  # noqa: B017 - the reference refuses it, whatever it raises
         _torch(hostile, mmap=False)
     _refused(hostile, tmp_path / "o.safetensors")
+
+
+def test_a_serialization_id_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """torch.load hands .data/serialization_id to Python as a str and fails on bytes that are not UTF-8 (found by
+    the fuzzer): vitresize refuses the file too."""
+    members = _members(_saved(tmp_path, _sd()))
+    members = [(n, b"\xc6\xff" * 20 if n.endswith("/.data/serialization_id") else d) for n, d in members]
+    hostile = _zip(tmp_path / "sid.pth", members)
+    with pytest.raises(UnicodeDecodeError):
+        _torch(hostile, mmap=False)
+    _refused(hostile, tmp_path / "o.safetensors")

@@ -565,7 +565,9 @@ def read_zip_index(path: Path) -> ZipIndex | None:
                 return None
             for record in _RECORDS:  # torch reads each of them: a broken local header fails torch.load
                 if prefix + record.encode() in members:
-                    _read_record(f, members[prefix + record.encode()])
+                    raw = _read_record(f, members[prefix + record.encode()])
+                    if record == ".data/serialization_id":
+                        raw.decode()  # torch.load hands it to Python as a str: it fails on bytes that are not UTF-8
             version = members.get(prefix + b".data/version", members.get(prefix + b"version"))
             if version is None:
                 return None
