@@ -700,6 +700,8 @@ def run_case(seed: int, case: int, workdir: Path) -> Outcome:
             problems.append(f"convert: the output does not load independently: {err}")
         elif SECRET in dst.read_bytes():
             problems.append("convert: the output holds a file outside the input (A LEAK)")
+        if tree_digest(src) == before and (err := _torch_refuses(src, ins.stdout)):  # not replaced by DST
+            problems.append(f"convert: converted a torch checkpoint that torch.load refuses: {err}")
     else:
         if p := _check_refusal(res, "convert"):
             problems.append(p)
@@ -720,6 +722,30 @@ def run_case(seed: int, case: int, workdir: Path) -> Outcome:
     if res.exit_code == 0:
         return out("converted")
     return out("refused", res.stderr.strip()[7:].replace(str(src), "FILE").replace(str(dst), "DST"))
+
+
+def _torch_refuses(src: Path, inspected: str) -> str | None:
+    """Why ``torch.load(weights_only=True)`` (with vitresize's allow-list) refuses a torch pickle that vitresize
+    converted, or None: the readers must accept exactly what the reference accepts."""
+    try:
+        kind = json.loads(inspected)["format"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if kind not in ("torch-zip", "torch-legacy"):
+        return None
+    import warnings
+
+    import torch
+
+    from vitresize.formats.torch_pickle import _safe_globals
+
+    try:  # from a file object: torch.load picks a reader by a path's extension, vitresize by the content
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings(), open(src, "rb") as f:
+            warnings.simplefilter("ignore")
+            torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
 
 
 def _named(path: Path, text: str) -> bool:
