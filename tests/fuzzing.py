@@ -10,7 +10,7 @@ on it in a fresh folder. The property checked for every case:
 * never a traceback, a crash, a hang (a time limit per case), a temp file left behind, a change to the
   input, or the malicious payload's marker file.
 
-``make test`` runs a seeded few hundred cases (``tests/test_fuzz.py``); ``make fuzz N=5000`` runs this
+``make test`` runs 150 seeded cases and ``make test-slow`` 600 (``tests/test_fuzz.py``); ``make fuzz N=5000`` runs this
 file as a script, in worker processes that a watchdog kills on a hang::
 
     python tests/fuzzing.py --cases 5000 [--seed 0] [--workers 2] [--timeout 60]

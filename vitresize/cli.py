@@ -138,9 +138,9 @@ app = typer.Typer(
 )
 
 
-# str Enums of the choices typed in vitresize.options, so that help and completion list them.
-Family = Enum("Family", {v: v for v in get_args(options.Family)}, type=str)  # type: ignore[misc]
-Method = Enum("Method", {v: v for v in get_args(options.Method)}, type=str)  # type: ignore[misc]
+# str Enums of the choices (the registries', and the Literals of vitresize.options), so help and completion list them.
+Family = Enum("Family", {v: v for v in ("auto", *KEYMAPS)}, type=str)  # type: ignore[misc]
+Method = Enum("Method", {v: v for v in ("native", *METHODS)}, type=str)  # type: ignore[misc]
 Interpolation = Enum("Interpolation", {v: v for v in get_args(options.Interpolation)}, type=str)  # type: ignore[misc]
 PatchMethod = Enum("PatchMethod", {v: v for v in get_args(options.PatchMethod)}, type=str)  # type: ignore[misc]
 AUTO, NATIVE, PI = Family("auto"), Method("native"), PatchMethod("pi")
@@ -160,7 +160,9 @@ SrcArg = Annotated[
 DstArg = Annotated[
     Path,
     typer.Argument(
-        metavar="DST", help="Output: .safetensors, .pth/.pt/.bin or .npz; a folder for a folder.", show_default=False
+        metavar="DST",
+        help="Output: .safetensors, .pth/.pt/.bin/.ckpt or .npz; a folder for a folder.",
+        show_default=False,
     ),
 ]
 
@@ -234,7 +236,9 @@ JsonOpt = Annotated[
 ]
 VerifyOpt = Annotated[
     bool,
-    typer.Option("--verify", help="Compare the output's copied tensors with the input (SHA-256).", rich_help_panel=OUT),
+    typer.Option(
+        "--verify", help="Compare the output's pass-through tensors with the input (SHA-256).", rich_help_panel=OUT
+    ),
 ]
 FsyncOpt = Annotated[
     bool, typer.Option("--fsync", help="Flush DST to disk before exiting (slower).", rich_help_panel=OUT)
@@ -243,7 +247,7 @@ AllowLargeOpt = Annotated[
     bool,
     typer.Option(
         "--allow-large",
-        help="Allow an output over 10x the input's size, or resampling over 4 GiB.",
+        help="Allow an output over 10x the input (and 16 MiB), or resampling over 4 GiB.",
         rich_help_panel=OUT,
     ),
 ]
@@ -423,7 +427,7 @@ def convert(
     cls=_Command,
     epilog=_examples("vitresize inspect vit_b16_224.pth", "vitresize inspect model.safetensors --json")
     + "\n\n"
-    + EPILOG,
+    + EPILOG.replace(" (also --dry-run and no-op)", ""),
 )
 def inspect(
     src: SrcArg,

@@ -2,8 +2,9 @@
 
 One module per format, each with its reader (a :class:`~.base.Checkpoint`) and its writer (a
 :class:`~.base.Writer`): ``safetensors``, ``torch_pickle``, ``npz``; ``folder`` reads and writes model folders
-through them. Only this package touches files. Adding a format is its module and a line in :data:`READERS`
-(with the bytes :func:`sniff` knows it by) or :data:`WRITERS`.
+through them. Only this package reads checkpoint files (and ``_verify``, which hashes the byte ranges segments
+point to). Adding a format is its module and a line in :data:`READERS` (with the bytes :func:`sniff` knows it by)
+and/or :data:`WRITERS`, and a writer's name in :data:`vitresize.options.OutputFormat`.
 """
 
 from __future__ import annotations

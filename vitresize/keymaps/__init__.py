@@ -1,6 +1,7 @@
 """Per-family key maps: where each library keeps the position table, the patch kernel and prefix tokens.
 
-Adding a family is one module with a :class:`KeyMap` and one line in :data:`KEYMAPS`.
+Adding a family is one module with a :class:`KeyMap`, one line in :data:`KEYMAPS`, and its name in
+:data:`vitresize.options.Family` (a test checks that they match).
 """
 
 from __future__ import annotations
