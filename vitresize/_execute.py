@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from .formats import Checkpoint
     from .formats._copy import Progress
-    from .plans import ModelPlan, Plan
+    from .plans import ModelPlan, Plan, TensorChange
     from .resample.torchfree import Table
 
 __all__ = ["execute"]
@@ -63,7 +63,7 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
     """The resampled tensors, and a warning for each input tensor holding NaN or Inf."""
     from .formats.base import nonfinite
     from .resample.patch_embed import resample_patch_embed
-    from .resample.pos_embed import resample_pos_embed
+    from .resample.tables import resize_rel_bias, resize_rel_pos_1d
 
     owner = _owners(plan)
     out: dict[Key, torch.Tensor] = {}
@@ -71,8 +71,8 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
     for c in plan.changes:
         m = owner[(c.state_dict, c.key)]
         e = m.embedding
-        if c.op == "position_ids":
-            out[(c.state_dict, c.key)] = _position_ids(ckpt.tensor(c.state_dict, c.key), c.new_shape)
+        if c.op in ("position_ids", "rel_index"):
+            out[(c.state_dict, c.key)] = _regenerated(c, ckpt.tensor(c.state_dict, c.key))
             continue
         t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
         bad = nonfinite(t)
@@ -83,15 +83,14 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
                 f"neighbouring entries of the output (is the checkpoint corrupt?)"
             )
         if c.op == "pos_embed":
-            table = t.unsqueeze(0) if e.pos_layout == "LD" else t
-            new = resample_pos_embed(
-                table,
-                old_grid=m.source.grid,
-                new_grid=m.target.grid,
-                num_prefix_tokens=e.prefix_rows,
-                convention=plan.pos_convention,
-            )
-            new = new.squeeze(0) if e.pos_layout == "LD" else new
+            new = _resample_table(t, m, plan)
+        elif c.op == "rel_bias":
+            assert c.spans is not None
+            old, size = c.spans
+            layout = "HLL" if len(c.old_shape) == 3 else "LH"
+            new = resize_rel_bias(t, old_window=old, new_window=size, extra_rows=c.extra_rows, layout=layout)
+        elif c.op == "rel_pos_1d":
+            new = resize_rel_pos_1d(t, c.new_shape[0])
         else:
             kernel = t.permute(3, 2, 0, 1) if e.patch_layout == "HWIO" else t  # HWIO -> OIHW
             new = resample_patch_embed(kernel, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
@@ -100,14 +99,44 @@ def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], li
     return out, warnings
 
 
+def _resample_table(t: torch.Tensor, m: ModelPlan, plan: Plan) -> torch.Tensor:
+    """A position table of any layout, resampled on its grid rows as ``[1, rows, D]``."""
+    from .resample.pos_embed import resample_pos_embed
+
+    e = m.embedding
+    (gh, gw), (nh, nw) = m.source.grid, m.target.grid
+    if e.pos_layout == "LD":
+        table = t.unsqueeze(0)
+    elif e.pos_layout == "1HWD":
+        table = t.reshape(1, gh * gw, t.shape[-1])
+    elif e.pos_layout == "1DHW":
+        table = t.permute(0, 2, 3, 1).reshape(1, gh * gw, t.shape[1])
+    else:
+        table = t
+    new = resample_pos_embed(
+        table,
+        old_grid=m.source.grid,
+        new_grid=m.target.grid,
+        num_prefix_tokens=e.prefix_rows,
+        convention=plan.pos_convention,
+    )
+    if e.pos_layout == "LD":
+        return new.squeeze(0)
+    if e.pos_layout == "1HWD":
+        return new.reshape(1, nh, nw, new.shape[-1])
+    if e.pos_layout == "1DHW":
+        return new.reshape(1, nh, nw, new.shape[-1]).permute(0, 3, 1, 2)
+    return new
+
+
 def _owners(plan: Plan) -> dict[Key, ModelPlan]:
     """The model each planned tensor belongs to."""
-    return {
-        (m.embedding.state_dict, k): m
-        for m in plan.models
-        for k in (m.embedding.pos_key, m.embedding.patch_key, m.embedding.position_ids_key)
-        if k is not None
-    }
+    return {(c.state_dict, c.key): m for m in plan.models for c in plan.changes if _owned(m, c)}
+
+
+def _owned(m: ModelPlan, c: TensorChange) -> bool:
+    e = m.embedding
+    return c.state_dict == e.state_dict and (c.key in (e.pos_key, e.patch_key) or any(c.key == t[0] for t in e.tied))
 
 
 def _resample_torchfree(plan: Plan, ckpt: Checkpoint) -> dict[Key, Table] | None:
@@ -121,6 +150,7 @@ def _resample_torchfree(plan: Plan, ckpt: Checkpoint) -> dict[Key, Table] | None
         or plan.device != "cpu"
         or not matches_convention(plan.pos_convention)
         or any(c.op not in ("pos_embed", "position_ids") for c in plan.changes)
+        or any(m.embedding.pos_layout not in ("1LD", "LD") for m in plan.models)
     ):
         return None
     import numpy as np
@@ -153,11 +183,17 @@ def _resample_torchfree(plan: Plan, ckpt: Checkpoint) -> dict[Key, Table] | None
     return out
 
 
-def _position_ids(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A ``[1, rows]`` row counter of the old buffer's dtype."""
+def _regenerated(c: TensorChange, old: torch.Tensor) -> torch.Tensor:
+    """An integer buffer built anew for the new geometry, in the old buffer's dtype: a ``[1, rows]`` row counter
+    (``position_ids``), or a relative position index."""
     import torch
 
-    return torch.arange(shape[1], dtype=old.dtype).reshape(shape)
+    if c.op == "position_ids":
+        return torch.arange(c.new_shape[1], dtype=old.dtype).reshape(c.new_shape)
+    from .resample.tables import relative_position_index
+
+    assert c.spans is not None
+    return relative_position_index(c.spans[1], class_token=c.extra_rows > 0, dtype=old.dtype)
 
 
 class _Resampled:

@@ -305,7 +305,7 @@ def report(rep: Report, *, verbose: bool = False) -> None:
             how = "numpy, bit for bit as torch's CPU kernel; torch not imported" if rep.engine == "numpy" else "torch"
             rows.append(("resampled by", how))
         for other in plan.models[1:]:
-            rows.append(("also", f"{_sd(other.embedding.state_dict)}: {other.embedding.pos_key}"))
+            rows.append(("also", f"{_sd(other.embedding.state_dict)}: {other.embedding.anchor_key}"))
     with _stdout() as out:
         if table is not None:
             out.print(table)
@@ -332,11 +332,11 @@ def _embedding_rows(e: Embedding) -> list[str]:
     return [
         _sd(e.state_dict),
         f"{e.family} ({e.variant})",
-        f"{e.pos_key} {_shape(e.pos_shape)}",
+        f"{e.pos_key} {_shape(e.pos_shape)}" if e.pos_key and e.pos_shape else f"none: {e.scheme_text}",
         str(e.prefix_rows),
-        f"{format_size(g.grid)} ({_cli(e.geometry_from)})" if g else "?",
+        f"{format_size(g.grid)} ({_cli(e.geometry_from)})" if g and e.grid_known else "?",
         f"{e.patch_key} {_shape(e.patch_shape)}",
-        format_size(g.img_size) if g and e.stride_known else "?",
+        format_size(e.img_size) if e.img_size else "?",
         ", ".join(k for k in e.prefix_keys) or "-",
     ]
 

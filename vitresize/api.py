@@ -16,7 +16,7 @@ from .budgets import check_plan
 from .errors import CheckpointFormatError, DeviceError, GeometryError, Message, NoViTFoundError, UsageError, param
 from .formats import Checkpoint, open_checkpoint
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
-from .keymaps.base import kernel_shape, kernel_size, pos_rows, pos_shape, token_rows
+from .keymaps.base import Rule, kernel_shape, kernel_size, pos_grid, pos_rows, pos_shape, token_rows
 from .options import EXECUTE_FIELDS, Family, Options, Target, resolve
 from .plans import Embedding, ModelPlan, Plan, TensorChange
 from .report import Inspection, Report, StateDictSummary
@@ -65,9 +65,14 @@ def _metadata_grid(meta: dict[str, str]) -> Size | None:
 
 
 def _embeddings(
-    ckpt: Checkpoint, family: str, *, from_grid: Size | None, from_img_size: Size | None, strict: bool
+    ckpt: Checkpoint,
+    family: str,
+    *,
+    from_grid: Size | None,
+    from_img_size: Size | None,
+    strict: bool,
 ) -> list[Embedding]:
-    """Every ViT in every state dict, with its source geometry (``strict``: raise when it cannot be inferred)."""
+    """Every model in every state dict, with its source geometry (``strict``: raise when it cannot be inferred)."""
     meta_hint = _metadata_grid(ckpt.metadata)
     out: list[Embedding] = []
     misses: list[str] = []
@@ -75,34 +80,50 @@ def _embeddings(
         found, miss = find_vits(tensors, family)
         misses += miss
         for f in found:
-            pos, patch = tensors[f.pos_key], tensors[f.patch_key]
+            patch = tensors[f.patch_key]
             km = f.keymap
             kernel = kernel_size(patch.shape, km.patch_layout)
-            num_rows = pos_rows(pos.shape, km.pos_layout)
-            assert num_rows is not None  # find_vits checked the layout
+            pos = tensors[f.pos_key] if f.pos_key is not None else None
             source: Geometry | None = None
             notes: list[str] = []
-            rows = f.prefix_candidates()[0]
+            rows = f.prefix_candidates()[0] if pos is not None else 0
             how = ""
-            stride_known = True
+            stride_known = grid_known = True
+            window: Size | None = None
             try:
                 if f.unsupported is not None:
-                    raise GeometryError(f"{f.pos_key} is left alone: {f.unsupported}")
+                    raise GeometryError(f"{f.anchor_key} is left alone: {f.unsupported}")
                 if f.stem is None:
                     hint, hint_from = _sidecar_grid(ckpt, kernel), "config.json"
                     if hint is None:
                         hint, hint_from = meta_hint, "metadata"
-                    grid, rows, how = _infer_grid(
-                        f,
-                        num_rows,
-                        kernel,
-                        from_grid=from_grid,
-                        from_img_size=from_img_size,
-                        hint=hint,
-                        hint_from=hint_from,
-                    )
+                    if pos is not None:
+                        grid, rows, how = _table_grid(
+                            f,
+                            pos,
+                            kernel,
+                            from_grid=from_grid,
+                            from_img_size=from_img_size,
+                            hint=hint,
+                            hint_from=hint_from,
+                        )
+                    else:
+                        maybe, how = _tableless_grid(
+                            f,
+                            tensors,
+                            kernel,
+                            from_grid=from_grid,
+                            from_img_size=from_img_size,
+                            hint=hint,
+                            hint_from=hint_from,
+                        )
+                        grid_known = maybe is not None
+                        grid = maybe or (0, 0)
                     source = Geometry(grid=grid, patch=kernel)
                 else:
+                    assert pos is not None  # a stem marks a table's model
+                    num_rows = pos_rows(pos.shape, km.pos_layout)
+                    assert num_rows is not None  # find_vits checked the layout
                     sidecar_img = ckpt.sidecar.img_size if ckpt.sidecar is not None else None
                     grid, rows, how, stride = _stem_geometry(
                         f, num_rows, kernel, from_grid, from_img_size or sidecar_img, meta_hint, from_img_size is None
@@ -116,12 +137,13 @@ def _embeddings(
                             f"was trained at) to convert with {param('img_size')}, or give the target as "
                             f"{param('grid')} HxW"
                         )
-                if rows == 0 and f.token_rows and how == "tokens":
+                window = _source_window(f, tensors, source.grid if grid_known else None)
+                if pos is not None and rows == 0 and f.token_rows and how == "tokens":
                     tokens = ", ".join(k[len(f.prefix) :] for k in f.token_keys)
                     notes.append(
-                        f"{f.pos_key} has no rows for {tokens} (timm no_embed_class): its {num_rows} rows were "
-                        f"read as a {format_size(grid)} grid; if it is a non-square grid with prefix rows, "
-                        f"pass {param('from_img_size')} HxW"
+                        f"{f.pos_key} has no rows for {tokens} (timm no_embed_class): its "
+                        f"{pos_rows(pos.shape, km.pos_layout)} rows were read as a {format_size(source.grid)} grid; "
+                        f"if it is a non-square grid with prefix rows, pass {param('from_img_size')} HxW"
                     )
             except GeometryError as e:
                 if strict:
@@ -135,36 +157,99 @@ def _embeddings(
                     key_prefix=f.prefix,
                     variant=_variant(f, tensors, rows),
                     pos_key=f.pos_key,
-                    pos_shape=pos.shape,
+                    pos_shape=pos.shape if pos is not None else None,
                     patch_key=f.patch_key,
                     patch_shape=patch.shape,
-                    dtype=pos.dtype,
+                    dtype=pos.dtype if pos is not None else patch.dtype,
                     prefix_keys=f.token_keys,
                     prefix_rows=rows,
                     source=source,
                     geometry_from=Message(how),
                     note=Message("; ".join(notes)) if notes else None,
                     native_method=f.native_method(tensors),
-                    position_ids_key=_position_ids(f, tensors),
                     stem=f.stem,
                     stride_known=stride_known,
+                    grid_known=grid_known,
+                    tied=tuple((k, r, tensors[k].shape, tensors[k].dtype) for k, r in f.tied),
+                    window=window,
                 )
             )
     if not out and strict:
-        looked = "; ".join(f"{km.pos_embed} + {km.patch_embed} ({name})" for name, km in KEYMAPS.items())
         detail = f" ({misses[0]})" if misses else ""
         fam = "" if family == "auto" else f" of family {family!r} (try {param('family')} auto)"
         raise NoViTFoundError(
-            f"no ViT position embedding{fam} found in {ckpt.path}{detail}; looked for {looked}. "
-            f"Is this a ViT checkpoint of a supported family?"
+            f"no ViT{fam} of a layout vitresize knows was found in {ckpt.path}{detail}; the README's architecture "
+            f"table lists the families it converts (is this a vision transformer checkpoint?)"
         )
     return out
+
+
+def _table_grid(f: Found, pos: TensorInfo, kernel: Size, **given: Any) -> tuple[Size, int, str]:
+    """``(grid, prefix rows, where the grid came from)`` of an absolute table: read from a grid layout's shape
+    (checked against what the user gave), else inferred from its rows."""
+    layout = f.keymap.pos_layout
+    shape_grid = pos_grid(pos.shape, layout)
+    num_rows = pos_rows(pos.shape, layout)
+    assert num_rows is not None  # find_vits checked the layout
+    if shape_grid is None:
+        return _infer_grid(f, num_rows, kernel, **given)
+    grid, _, how = _infer_grid(f, num_rows, kernel, **{**given, "hint": shape_grid, "hint_from": "table shape"})
+    if grid != shape_grid:
+        raise GeometryError(
+            f"{f.pos_key} holds a {format_size(shape_grid)} grid ({list(pos.shape)}), not the "
+            f"{format_size(grid)} grid that {how} gives; check {how}"
+        )
+    return grid, 0, "table shape" if how == "tokens" else how
+
+
+def _tableless_grid(
+    f: Found,
+    tensors: dict[str, TensorInfo],
+    kernel: Size,
+    *,
+    from_grid: Size | None,
+    from_img_size: Size | None,
+    hint: Size | None,
+    hint_from: str,
+) -> tuple[Size | None, str]:
+    """The grid of a model without an absolute table: read from a table that spans the grid (BEiT's relative
+    tables), else given (``from_grid``, ``from_img_size``, a config.json); ``None`` when nothing tells it and
+    nothing depends on it."""
+    if from_grid is not None and from_img_size is not None:
+        raise UsageError(f"give either {param('from_grid')} or {param('from_img_size')}, not both")
+    given: Size | None = None
+    how = ""
+    if from_grid is not None:
+        given, how = from_grid, param("from_grid")
+    elif from_img_size is not None:
+        given = resolve_target(Geometry((1, 1), kernel), img_size=from_img_size).grid
+        how = param("from_img_size")
+    spans = [(k, r, tensors[k]) for k, r in f.tied if r.span == "grid" and r.op in ("rel_bias", "rel_pos_1d")]
+    if not spans:
+        if given is None and hint is not None:
+            return hint, hint_from
+        return given, how
+    key, rule, info = spans[0]
+    for g, src in ((given, how), (hint, hint_from)):
+        if g is not None and rule.spans(info.shape, g):
+            return g, src
+        if g is not None and src == how:
+            raise GeometryError(
+                f"{key} has shape {list(info.shape)}, which does not span a {format_size(g)} grid ({how}); check {how}"
+            )
+    g = rule.square_span(info.shape)
+    if g is None:
+        raise GeometryError(
+            f"cannot infer the source grid from {key} {list(info.shape)}: it is not a square grid's table; pass "
+            f"{param('from_grid')} HxW (or {param('from_img_size')} HxW)"
+        )
+    return g, "table shape"
 
 
 def _infer_grid(f: Found, num_rows: int, kernel: Size, **given: Any) -> tuple[Size, int, str]:
     """:func:`~vitresize.resample.geometry.infer_source_grid` for a found table of ``num_rows`` rows."""
     return infer_source_grid(
-        num_rows=num_rows, prefix_candidates=f.prefix_candidates(), patch=kernel, pos_key=f.pos_key, **given
+        num_rows=num_rows, prefix_candidates=f.prefix_candidates(), patch=kernel, pos_key=f.anchor_key, **given
     )
 
 
@@ -246,6 +331,46 @@ def _sidecar_grid(ckpt: Checkpoint, kernel: Size) -> Size | None:
     return (img[0] // kernel[0], img[1] // kernel[1])
 
 
+def _check_window(embeddings: list[Embedding], window: Size | None) -> None:
+    """``--window`` needs a model whose tables span a window, and a patch change a model whose patch can change."""
+    if window is None:
+        return
+    for e in embeddings:
+        if e.window is None:
+            raise UsageError(
+                f"{param('window')} applies to models with windowed attention (Swin); {e.anchor_key}'s model "
+                f"({e.family}) has no window to change; drop {param('window')}"
+            )
+
+
+def _model_plan(e: Embedding, target: Target) -> ModelPlan:
+    """The geometry one model moves to."""
+    assert e.source is not None
+    fixed = KEYMAPS[e.family].fixed_patch
+    if target.patch is not None and fixed is not None and target.patch != e.source.patch:
+        raise UsageError(
+            f"{param('patch')} cannot change the patch of {e.anchor_key}'s model: {fixed}; give the target as "
+            f"{param('img_size')} or {param('grid')}"
+        )
+    if target.img_size is None and target.patch is None and target.grid is None:
+        geometry = e.source  # --window alone
+    else:
+        geometry = resolve_target(e.source, img_size=target.img_size, patch=target.patch, grid=target.grid)
+    return ModelPlan(e, geometry, window=target.window or e.window)
+
+
+def _nothing_to_change(models: tuple[ModelPlan, ...]) -> str:
+    """Why a target changes no tensor, for users: the geometry is the source's, or the scheme ties none to it."""
+    m = models[0]
+    e = m.embedding
+    if m.target.grid == m.source.grid and m.target.patch == m.source.patch and m.window == e.window:
+        return "nothing to resample: the target geometry equals the source; tensors are copied as they are"
+    return (
+        f"nothing to resample: {e.anchor_key}'s model ({e.family}) encodes positions by {e.scheme_text}, so no "
+        f"tensor depends on the new geometry; tensors are copied as they are"
+    )
+
+
 def _check_config_can_say(ckpt: Checkpoint, models: tuple[ModelPlan, ...], *, folder: bool) -> None:
     """A folder's config.json must be able to state the target: HF CLIP and SigLIP take one square size, and
     the config of a model with a stem keeps its own patch entry (the 1x1 kernel of a hybrid), which the
@@ -278,17 +403,6 @@ def _list(size: Size | None) -> list[int] | None:
     return None if size is None else [size[0], size[1]]
 
 
-def _position_ids(f: Found, tensors: dict[str, TensorInfo]) -> str | None:
-    """The key of a ``[1, rows]`` integer buffer counting the table's rows (older HF CLIP files), if any."""
-    if f.keymap.position_ids is None:
-        return None
-    key = f.prefix + f.keymap.position_ids
-    info = tensors.get(key)
-    if info is None or len(info.shape) != 2 or info.dtype not in ("int64", "int32"):
-        return None
-    return key
-
-
 def _check_device(device: str) -> None:
     """Whether the CUDA device asked for is there (:class:`Options` checked the spelling)."""
     if device.startswith("cuda"):
@@ -307,32 +421,26 @@ def _check_device(device: str) -> None:
 def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) -> list[TensorChange]:
     e, src, dst = m.embedding, m.source, m.target
     out = []
-    if src.grid != dst.grid:
-        new_rows = e.prefix_rows + dst.num_patches
-        dim = e.pos_shape[-1]
+    new_rows = e.prefix_rows + dst.num_patches
+    grid_changes = src.grid != dst.grid and e.grid_known
+    if e.pos_key is not None and e.pos_shape is not None and grid_changes:
         out.append(
             TensorChange(
                 state_dict=e.state_dict,
                 key=e.pos_key,
                 old_shape=e.pos_shape,
-                new_shape=pos_shape(new_rows, dim, e.pos_layout),
+                new_shape=pos_shape(new_rows, e.pos_shape[-1 if e.pos_layout != "1DHW" else 1], e.pos_layout, dst.grid),
                 dtype=e.dtype,
                 op="pos_embed",
                 detail=f"grid {format_size(src.grid)} -> {format_size(dst.grid)}",
             )
         )
-        if e.position_ids_key is not None:
-            info = tensors[e.position_ids_key]
+    for key, rule, shape, dtype in e.tied:
+        change = _tied_change(m, key, rule, shape, new_rows if grid_changes else None)
+        if change is not None:
+            new_shape, detail, spans = change
             out.append(
-                TensorChange(
-                    state_dict=e.state_dict,
-                    key=e.position_ids_key,
-                    old_shape=info.shape,
-                    new_shape=(1, new_rows),
-                    dtype=info.dtype,
-                    op="position_ids",
-                    detail=f"0..{new_rows - 1}, one per row of {e.pos_key}",
-                )
+                TensorChange(e.state_dict, key, shape, new_shape, dtype, rule.op, detail, spans, rule.extra_rows)
             )
     if src.patch != dst.patch:
         out.append(
@@ -350,10 +458,76 @@ def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) ->
     return out
 
 
+def _tied_change(
+    m: ModelPlan, key: str, rule: Rule, shape: tuple[int, ...], new_rows: int | None
+) -> tuple[tuple[int, ...], str, tuple[Size, Size] | None] | None:
+    """``(new shape, detail, (old span, new span))`` of a tensor tied to the geometry by ``rule``, or ``None``.
+
+    A table of a ``"grid"`` rule spans the grid; one that does not (SAM's windowed blocks) spans the window.
+
+    Raises:
+        GeometryError: the tensor spans neither, or both while only one of them changes.
+    """
+    e, src, dst = m.embedding, m.source, m.target
+    if rule.op == "position_ids":
+        if new_rows is None:
+            return None
+        new = rule.shape_for(shape, (0, 0), rows=new_rows)
+        return (new, f"0..{new_rows - 1}, one per row of {e.pos_key}", None) if new is not None else None
+    spans_grid = rule.span == "grid" and e.grid_known and rule.spans(shape, src.grid)
+    old_window = e.window if e.window is not None and rule.spans(shape, e.window) else rule.square_span(shape)
+    spans_window = rule.span == "window" or not spans_grid
+    ambiguous = spans_grid and e.window is not None and rule.spans(shape, e.window)
+    if ambiguous and (src.grid != dst.grid) != (e.window != m.window):
+        raise GeometryError(
+            f"{key} {list(shape)} spans both the {format_size(src.grid)} grid and the {format_size(e.window)} "
+            f"window, so vitresize cannot tell whether it follows the grid or the window; change both, or "
+            f"neither"
+        )
+    if spans_grid:
+        old, new_size, what = src.grid, dst.grid, "grid"
+    elif spans_window and old_window is not None:
+        old, new_size, what = old_window, m.window or old_window, "window"
+    elif not e.grid_known and rule.span == "grid":
+        if dst.grid == (0, 0):
+            return None
+        raise GeometryError(
+            f"{key} {list(shape)} spans the source grid, which is not known; pass {param('from_img_size')} or "
+            f"{param('from_grid')}"
+        )
+    else:
+        raise GeometryError(
+            f"{key} has shape {list(shape)}, which spans neither the {format_size(src.grid)} grid nor a window "
+            f"vitresize can read; it is refused rather than converted wrongly"
+        )
+    if old == new_size:
+        return None
+    new = rule.shape_for(shape, new_size)
+    assert new is not None  # spans() checked the shape
+    how = {"rel_bias": "relative bias table", "rel_pos_1d": "1-D relative table", "rel_index": "index regenerated"}
+    return new, f"{what} {format_size(old)} -> {format_size(new_size)}, {how.get(rule.op, rule.op)}", (old, new_size)
+
+
+def _source_window(f: Found, tensors: dict[str, TensorInfo], grid: Size | None) -> Size | None:
+    """The attention window of a windowed family, read from its first table that spans one (square): a table of a
+    ``"window"`` rule, or one of a ``"grid"`` rule that does not span the ``grid`` (SAM's windowed blocks)."""
+    if not f.keymap.window:
+        return None
+    for key, rule in f.tied:
+        if rule.op == "rel_index":
+            continue
+        if rule.span == "window" or (grid is not None and not rule.spans(tensors[key].shape, grid)):
+            w = rule.square_span(tensors[key].shape)
+            if w is None:
+                raise GeometryError(f"{key} has shape {list(tensors[key].shape)}, which is not a square window's table")
+            return w
+    return None
+
+
 def _check_dtypes(changes: tuple[TensorChange, ...]) -> None:
     """Only floating tensors are interpolated: an integer, bool, complex or float8 table is refused."""
     for c in changes:
-        if c.op in ("pos_embed", "patch_embed") and c.dtype not in RESAMPLED_DTYPES:
+        if c.op in ("pos_embed", "patch_embed", "rel_bias", "rel_pos_1d") and c.dtype not in RESAMPLED_DTYPES:
             name = f"{c.state_dict}/{c.key}" if c.state_dict else c.key
             raise CheckpointFormatError(
                 f"{name} is {c.dtype}, and vitresize resamples only {', '.join(RESAMPLED_DTYPES)} tensors; "
@@ -418,14 +592,11 @@ def plan(
             ckpt, family, from_grid=target.from_grid, from_img_size=target.from_img_size, strict=True
         )
         _check_stems(embeddings, target.img_size, target.patch)
+        _check_window(embeddings, target.window)
         name, pos_conv, basis = resolve_conventions(
             method, native=embeddings[0].native_method, interpolation=interpolation, antialias=antialias
         )
-        models = tuple(
-            ModelPlan(e, resolve_target(e.source, img_size=target.img_size, patch=target.patch, grid=target.grid))
-            for e in embeddings
-            if e.source is not None
-        )
+        models = tuple(_model_plan(e, target) for e in embeddings if e.source is not None)
         changes = tuple(c for m in models for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], patch_method))
         _check_dtypes(changes)
         _check_config_can_say(ckpt, models, folder=Path(src).is_dir())
@@ -447,9 +618,7 @@ def plan(
                     f"{format_size(t.img_size)}, patch {format_size(t.patch)}"
                 )
         if not changes:
-            warnings.append(
-                "nothing to resample: the target geometry equals the source; tensors are copied as they are"
-            )
+            warnings.append(_nothing_to_change(models))
         return Plan(
             src=Path(src),
             src_format=ckpt.format,
@@ -546,7 +715,9 @@ def inspect(
         warnings = [] if embeddings else [f"no ViT position embedding of a supported family found in {src}"]
         checked = []
         for e in embeddings:
-            counts = {k: ckpt.count_nonfinite(e.state_dict, k) for k in (e.pos_key, e.patch_key)}
+            keys = [k for k in (e.pos_key, e.patch_key) if k is not None]
+            keys += [k for k, r, _, _ in e.tied if r.op in ("rel_bias", "rel_pos_1d")]
+            counts = {k: ckpt.count_nonfinite(e.state_dict, k) for k in keys}
             for k, n in counts.items():
                 if n:
                     name = f"{e.state_dict}/{k}" if e.state_dict else k

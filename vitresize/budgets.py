@@ -47,6 +47,8 @@ def _working_bytes(c: TensorChange, m: ModelPlan | None, pos_conv: Convention, p
     old, new = math.prod(c.old_shape), math.prod(c.new_shape)
     if c.op == "pos_embed":  # the grid in the working dtype, interpolated, permuted, cast back, concatenated
         return (8 if pos_conv.float64 else 4) * (old + 3 * new) + nbytes(c.new_shape, c.dtype)
+    if c.op in ("rel_bias", "rel_pos_1d"):  # float32 copies, the sample points and their weights (per head)
+        return 4 * (old + 3 * new) + 8 * 12 * math.prod(c.new_shape[:2])
     if c.op != "patch_embed" or m is None:
         return 0
     copies = 4 * (old + 2 * new)  # the kernel in float32, the product, its reshape
@@ -72,7 +74,7 @@ def check_plan(
     """
     if not changes:
         return
-    owner = {(m.embedding.state_dict, k): m for m in models for k in (m.embedding.pos_key, m.embedding.patch_key)}
+    owner = {(m.embedding.state_dict, m.embedding.patch_key): m for m in models}
     new = [nbytes(c.new_shape, c.dtype) for c in changes]
     out = src_bytes + sum(new) - sum(nbytes(c.old_shape, c.dtype) for c in changes)
     big = max(range(len(changes)), key=lambda i: new[i])

@@ -175,6 +175,7 @@ def _size(flag: str, metavar: str, help: str, panel: str) -> Any:
 ImgSizeOpt = Annotated[str | None, _size("--img-size", "N|HxW", "New image size (grid = img-size / patch).", GEOM)]
 PatchOpt = Annotated[str | None, _size("--patch", "N|HxW", "New patch size; alone it keeps the image size.", GEOM)]
 GridOpt = Annotated[str | None, _size("--grid", "HxW", "New patch grid, instead of --img-size.", GEOM)]
+WindowOpt = Annotated[str | None, _size("--window", "N|HxW", "New attention window of a windowed model (Swin).", GEOM)]
 FromImgOpt = Annotated[
     str | None, _size("--from-img-size", "HxW", "Image size the checkpoint was trained at.", SRC_GEOM)
 ]
@@ -361,6 +362,7 @@ def convert(
     img_size: ImgSizeOpt = None,
     patch: PatchOpt = None,
     grid: GridOpt = None,
+    window: WindowOpt = None,
     from_img_size: FromImgOpt = None,
     from_grid: FromGridOpt = None,
     family: FamilyOpt = AUTO,
@@ -383,7 +385,9 @@ def convert(
     with _errors():
         if json_ and quiet:
             raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
-        target = Target(img_size=img_size, patch=patch, grid=grid, from_img_size=from_img_size, from_grid=from_grid)
+        target = Target(
+            img_size=img_size, patch=patch, grid=grid, window=window, from_img_size=from_img_size, from_grid=from_grid
+        )
         opts = Options(
             family=family.value,
             method=method.value,

@@ -47,7 +47,7 @@ PatchMethod = Literal["pi", "interp"]
 """``pi``: FlexiViT's pseudo-inverse resize of the patch kernel; ``interp``: plain interpolation of the kernel."""
 OutputFormat = Literal["safetensors", "torch", "npz", "folder"]
 """What a conversion writes (a key of :data:`vitresize.formats.WRITERS`, or a model folder)."""
-Op = Literal["pos_embed", "patch_embed", "position_ids"]
+Op = Literal["pos_embed", "patch_embed", "position_ids", "rel_bias", "rel_pos_1d", "rel_index"]
 """What a :class:`~vitresize.plans.TensorChange` does to its tensor."""
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -75,6 +75,7 @@ class Target:
         from_img_size: the image size the checkpoint was trained at, for a source whose grid the weights do not
             tell (a non-square one) or whose patch is a stem's stride.
         from_grid: the source's patch grid, instead of ``from_img_size``.
+        window: the new attention window of a windowed model (Swin); its relative tables are resampled to it.
 
     Raises:
         UsageError: a size that is not one, ``grid`` with ``img_size``, or ``from_grid`` with ``from_img_size``.
@@ -89,6 +90,7 @@ class Target:
     grid: Size | None
     from_img_size: Size | None
     from_grid: Size | None
+    window: Size | None
 
     def __init__(
         self,
@@ -98,9 +100,10 @@ class Target:
         grid: SizeLike | None = None,
         from_img_size: SizeLike | None = None,
         from_grid: SizeLike | None = None,
+        window: SizeLike | None = None,
     ) -> None:
         given = {"img_size": img_size, "patch": patch, "grid": grid, "from_img_size": from_img_size}
-        for name, value in {**given, "from_grid": from_grid}.items():
+        for name, value in {**given, "from_grid": from_grid, "window": window}.items():
             object.__setattr__(self, name, _size(name, value))
         if self.grid is not None and self.img_size is not None:
             raise UsageError(
@@ -111,12 +114,12 @@ class Target:
 
     @property
     def is_empty(self) -> bool:
-        """Whether no new geometry is given (no ``img_size``, ``patch`` or ``grid``)."""
-        return self.img_size is None and self.patch is None and self.grid is None
+        """Whether no new geometry is given (no ``img_size``, ``patch``, ``grid`` or ``window``)."""
+        return self.img_size is None and self.patch is None and self.grid is None and self.window is None
 
     def describe(self) -> str:
         """The target as given, for messages: ``img_size 384 patch 16`` (``--img-size 384 --patch 16``)."""
-        given = (("img_size", self.img_size), ("patch", self.patch), ("grid", self.grid))
+        given = (("img_size", self.img_size), ("patch", self.patch), ("grid", self.grid), ("window", self.window))
         return " ".join(f"{param(n)} {v[0] if v[0] == v[1] else format_size(v)}" for n, v in given if v is not None)
 
 
@@ -170,6 +173,7 @@ class TargetFields(TypedDict, total=False):
     grid: SizeLike | None
     from_img_size: SizeLike | None
     from_grid: SizeLike | None
+    window: SizeLike | None
 
 
 class OptionsFields(TargetFields, total=False):

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .keymaps import KEYMAPS
-from .keymaps.base import PatchLayout, PosLayout, kernel_size
+from .keymaps.base import PatchLayout, PosLayout, Rule, Scheme, kernel_size
 from .options import Op, Options, Target
 from .resample.conventions import Convention
-from .resample.geometry import Geometry, Size
+from .resample.geometry import Geometry, Size, format_size
 
 if TYPE_CHECKING:
     from .formats.base import Checkpoint
@@ -40,8 +40,9 @@ class Embedding:
     family: str
     key_prefix: str
     variant: str
-    pos_key: str
-    pos_shape: tuple[int, ...]
+    pos_key: str | None
+    """The absolute position table, or ``None`` for a model without one (rotary, relative, conditional)."""
+    pos_shape: tuple[int, ...] | None
     patch_key: str
     patch_shape: tuple[int, ...]
     dtype: str
@@ -53,13 +54,39 @@ class Embedding:
     nonfinite: dict[str, int] | None = None
     """NaN/Inf counts of the position table and patch kernel (``inspect`` only; ``None`` = not read)."""
     native_method: str = "timm"
-    position_ids_key: str | None = None
     stem: str | None = None
     """What runs before the patch kernel, for a model whose patch is not its kernel (a hybrid's CNN, Hiera's
     strided stem): its patch is the stride, ``source.patch``, known only when ``stride_known``."""
     stride_known: bool = True
     """``False`` when a stem's stride was not given (``--from-img-size``, a config.json): ``source.patch`` is then
     the kernel, and the image size unknown."""
+    grid_known: bool = True
+    """``False`` for a model whose weights depend on no grid (RoPE) when no grid was given: ``source.grid`` is
+    then ``(0, 0)``, and the image size unknown."""
+    tied: tuple[tuple[str, Rule, tuple[int, ...], str], ...] = ()
+    """The other tensors tied to the grid or window: ``(key, rule, shape, dtype)``."""
+    window: Size | None = None
+    """The attention window of the relative tables that span one (Swin), read from their shape."""
+
+    @property
+    def scheme(self) -> Scheme:
+        """How the model encodes positions: ``absolute`` when it has a table, else its family's scheme."""
+        return "absolute" if self.pos_key is not None else KEYMAPS[self.family].scheme
+
+    @property
+    def scheme_text(self) -> str:
+        """The scheme in words for users: what it is, and what a new image size does to it."""
+        km = KEYMAPS[self.family]
+        parts = []
+        if self.pos_key is not None and self.pos_shape is not None:
+            parts.append(f"absolute table {list(self.pos_shape)}")
+        rels = [t for t in self.tied if t[1].op in ("rel_bias", "rel_pos_1d")]
+        if rels:
+            span = f"window {format_size(self.window)}" if self.window else "the grid"
+            parts.append(f"{len(rels)} relative table(s) spanning {span}")
+        if km.scheme_note and self.pos_key is None:
+            parts.append(km.scheme_note)
+        return "; ".join(parts) or km.scheme
 
     @property
     def pos_layout(self) -> PosLayout:
@@ -70,6 +97,17 @@ class Embedding:
     def patch_layout(self) -> PatchLayout:
         """``"OIHW"``, or ``"HWIO"`` (JAX): the family's."""
         return KEYMAPS[self.family].patch_layout
+
+    @property
+    def anchor_key(self) -> str:
+        """The key the model was found by (its table, else its kernel), for messages."""
+        return self.pos_key if self.pos_key is not None else self.patch_key
+
+    @property
+    def img_size(self) -> Size | None:
+        """The source image size, where the weights (or the options) tell it."""
+        g = self.source
+        return g.img_size if g is not None and self.stride_known and self.grid_known else None
 
     @property
     def kernel(self) -> Size:
@@ -83,13 +121,19 @@ class Embedding:
             "family": self.family,
             "variant": self.variant,
             "key_prefix": self.key_prefix,
-            "pos_embed": {"key": self.pos_key, "shape": list(self.pos_shape), "prefix_rows": self.prefix_rows},
+            "scheme": self.scheme,
+            "scheme_text": self.scheme_text,
+            "pos_embed": None
+            if self.pos_key is None or self.pos_shape is None
+            else {"key": self.pos_key, "shape": list(self.pos_shape), "prefix_rows": self.prefix_rows},
             "patch_embed": {"key": self.patch_key, "shape": list(self.patch_shape)},
+            "tied": [{"key": k, "op": r.op, "shape": list(shape)} for k, r, shape, _ in self.tied],
+            "window": size_list(self.window),
             "dtype": self.dtype,
             "prefix_tokens": list(self.prefix_keys),
-            "grid": size_list(g.grid) if g else None,
+            "grid": size_list(g.grid) if g and self.grid_known else None,
             "patch": size_list(g.patch if g else self.kernel) if self.stride_known else None,
-            "img_size": size_list(g.img_size) if g and self.stride_known else None,
+            "img_size": size_list(self.img_size),
             "stem": self.stem,
             "geometry_from": self.geometry_from,
             "note": self.note,
@@ -108,6 +152,10 @@ class TensorChange:
     dtype: str
     op: Op
     detail: str
+    spans: tuple[Size, Size] | None = None
+    """The grid or window a tied table spans, before and after (``None`` for the position table and kernel)."""
+    extra_rows: int = 0
+    """Rows after a table's positions that are kept (BEiT's class rows), or an index's class token (1)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +175,8 @@ class ModelPlan:
 
     embedding: Embedding
     target: Geometry
+    window: Size | None = None
+    """The attention window the model's windowed tables move to (``None``: it has none)."""
 
     @property
     def source(self) -> Geometry:
@@ -138,7 +188,8 @@ class ModelPlan:
         d = self.embedding.to_dict()
         known = self.embedding.stride_known
         d.update(
-            new_grid=size_list(self.target.grid),
+            new_grid=size_list(self.target.grid) if self.target.grid != (0, 0) else None,
+            new_window=size_list(self.window),
             new_patch=size_list(self.target.patch) if known else None,
             new_img_size=size_list(self.target.img_size) if known else None,
         )
@@ -256,11 +307,14 @@ class Plan:
                 "antialias": self.patch_convention.antialias,
             },
             "device": self.device,
-            "old_grid": size_list(first.source.grid),
-            "new_grid": size_list(first.target.grid),
+            "scheme": first.embedding.scheme,
+            "old_grid": size_list(first.source.grid) if first.embedding.grid_known else None,
+            "new_grid": size_list(first.target.grid) if first.target.grid != (0, 0) else None,
+            "old_window": size_list(first.embedding.window),
+            "new_window": size_list(first.window),
             "old_patch": size_list(first.source.patch) if known else None,
             "new_patch": size_list(first.target.patch) if known else None,
-            "old_img_size": size_list(first.source.img_size) if known else None,
+            "old_img_size": size_list(first.embedding.img_size),
             "new_img_size": size_list(first.target.img_size) if known else None,
             "state_dicts": list(self.state_dicts),
             "models": [m.to_dict() for m in self.models],

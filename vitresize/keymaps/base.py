@@ -13,35 +13,63 @@ __all__ = [
     "KeyMap",
     "PatchLayout",
     "PosLayout",
+    "Rule",
+    "RuleOp",
+    "Scheme",
     "TensorInfo",
     "find_in",
     "kernel_shape",
     "kernel_size",
+    "pos_grid",
     "pos_rows",
     "pos_shape",
     "token_rows",
 ]
 
 
-# Layouts: a position table is "1LD" ([1, rows, D]) or "LD" ([rows, D], CLIP); a patch kernel is "OIHW"
-# (torch) or "HWIO" (JAX).
+# Layouts: a position table is "1LD" ([1, rows, D]), "LD" ([rows, D], CLIP), "1HWD" ([1, H, W, D], SAM, VOLO)
+# or "1DHW" ([1, D, H, W], PiT, Visformer); a patch kernel is "OIHW" (torch) or "HWIO" (JAX).
 
 
-PosLayout = Literal["1LD", "LD"]
-"""A position table's layout: ``[1, rows, dim]`` (``1LD``), or ``[rows, dim]`` (``LD``: CLIP)."""
+PosLayout = Literal["1LD", "LD", "1HWD", "1DHW"]
+"""A position table's layout: ``[1, rows, dim]`` (``1LD``), ``[rows, dim]`` (``LD``: CLIP), or a grid kept as
+one: ``[1, H, W, dim]`` (``1HWD``: SAM, VOLO) or ``[1, dim, H, W]`` (``1DHW``: PiT, Visformer). Grid layouts hold
+no prefix rows."""
+GRID_LAYOUTS: tuple[PosLayout, ...] = ("1HWD", "1DHW")
+RuleOp = Literal["rel_bias", "rel_pos_1d", "rel_index", "position_ids"]
+"""What a :class:`Rule` does to its tensors: resample a 2-D relative position bias table (``rel_bias``) or a
+1-D one (``rel_pos_1d``), regenerate a ``relative_position_index`` buffer (``rel_index``), or recount an
+integer ``position_ids`` buffer (``position_ids``)."""
+Scheme = Literal["absolute", "relative", "rotary", "conditional", "runtime", "none"]
+"""How a family encodes positions: an absolute table, relative tables (or biases), rotary embeddings, a
+conditional (convolutional) encoding, a table the model resamples itself at run time, or none."""
 PatchLayout = Literal["OIHW", "HWIO"]
 """A patch kernel's layout: torch's ``[dim, channels, ph, pw]`` (``OIHW``), or JAX's ``[ph, pw, channels, dim]``."""
 
 
 def pos_rows(shape: tuple[int, ...], layout: PosLayout) -> int | None:
-    """Rows of a position table of this layout, or ``None`` if the shape is not one."""
+    """Rows of a position table of this layout (``H*W`` for a grid layout), or ``None`` if the shape is not one."""
     if layout == "LD":
         return shape[0] if len(shape) == 2 else None
+    if layout in GRID_LAYOUTS:
+        return shape[1] * shape[2] if len(shape) == 4 and shape[0] == 1 else None
     return shape[1] if len(shape) == 3 and shape[0] == 1 else None
 
 
-def pos_shape(rows: int, dim: int, layout: PosLayout) -> tuple[int, ...]:
-    """The shape of a position table of this layout."""
+def pos_grid(shape: tuple[int, ...], layout: PosLayout) -> tuple[int, int] | None:
+    """The grid a table of a grid layout holds (``None`` for a layout of rows)."""
+    if layout == "1HWD":
+        return (shape[1], shape[2])
+    if layout == "1DHW":
+        return (shape[2], shape[3])
+    return None
+
+
+def pos_shape(rows: int, dim: int, layout: PosLayout, grid: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """The shape of a position table of this layout (a grid layout needs the ``grid``)."""
+    if layout in GRID_LAYOUTS:
+        assert grid is not None
+        return (1, *grid, dim) if layout == "1HWD" else (1, dim, *grid)
     return (rows, dim) if layout == "LD" else (1, rows, dim)
 
 
@@ -53,6 +81,69 @@ def kernel_size(shape: tuple[int, ...], layout: PatchLayout) -> tuple[int, int]:
 def kernel_shape(shape: tuple[int, ...], patch: tuple[int, int], layout: PatchLayout) -> tuple[int, ...]:
     """A kernel's shape at another patch size."""
     return (*patch, *shape[2:]) if layout == "HWIO" else (*shape[:2], *patch)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A tensor besides the position table and the patch kernel that is tied to the grid or the window.
+
+    Attributes:
+        pattern: a regular expression that matches the whole key below the model prefix.
+        op: what a new geometry does to it (:data:`RuleOp`).
+        span: what the table spans: the whole patch grid (``"grid"``: BEiT, SAM's global attention), or the
+            attention window (``"window"``: Swin, changed by ``--window``).
+        layout: of a ``rel_bias`` table: ``"LH"`` (``[(2h-1)(2w-1) + extra_rows, heads]``) or ``"HLL"``
+            (``[heads, 2h-1, 2w-1]``, MaxViT); of a ``rel_pos_1d`` table: ``"LD"`` (``[2n-1, dim]``).
+        extra_rows: rows after the positions that are not positions (BEiT's three class rows); kept as they are.
+        axis: the axis a ``rel_pos_1d`` table runs along (0: height, 1: width).
+    """
+
+    pattern: str
+    op: RuleOp
+    span: Literal["grid", "window"] = "grid"
+    layout: Literal["LH", "HLL", "LD"] = "LH"
+    extra_rows: int = 0
+    axis: int = 0
+
+    def matches(self, key: str) -> bool:
+        """Whether ``key`` (below the model prefix) is one of this rule's tensors."""
+        return re.fullmatch(self.pattern, key) is not None
+
+    def shape_for(self, shape: tuple[int, ...], size: tuple[int, int], rows: int = 0) -> tuple[int, ...] | None:
+        """The shape of this rule's tensor (now ``shape``) for a grid or window of ``size``; ``rows``: the new
+        row count of the model's position table (``position_ids``). ``None`` if ``shape`` is not this rule's."""
+        h, w = size
+        if self.op == "rel_bias" and self.layout == "HLL":
+            return (shape[0], 2 * h - 1, 2 * w - 1) if len(shape) == 3 else None
+        if self.op == "rel_bias":
+            return ((2 * h - 1) * (2 * w - 1) + self.extra_rows, shape[1]) if len(shape) == 2 else None
+        if self.op == "rel_pos_1d":
+            return (2 * size[self.axis] - 1, shape[1]) if len(shape) == 2 else None
+        if self.op == "rel_index":
+            if len(shape) != 2 or shape[0] != shape[1]:
+                return None
+            n = h * w + self.extra_rows
+            return (n, n)
+        return (1, rows) if len(shape) == 2 and shape[0] == 1 else None
+
+    def spans(self, shape: tuple[int, ...], size: tuple[int, int]) -> bool:
+        """Whether a tensor of ``shape`` is this rule's for a grid or window of ``size``."""
+        return self.op != "position_ids" and self.shape_for(shape, size) == tuple(shape)
+
+    def square_span(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The square grid or window a tensor of ``shape`` spans, if it is this rule's for one."""
+        if self.op == "rel_bias" and self.layout == "HLL" and len(shape) == 3:
+            n = shape[1]
+        elif self.op == "rel_bias" and len(shape) == 2:
+            n = math.isqrt(max(shape[0] - self.extra_rows, 0))
+        elif self.op == "rel_pos_1d" and len(shape) == 2:
+            n = shape[0]
+        elif self.op == "rel_index" and len(shape) == 2:
+            n = 2 * math.isqrt(max(shape[0] - self.extra_rows, 0)) - 1
+        else:
+            return None
+        side = (n + 1) // 2
+        return (side, side) if n % 2 == 1 and self.spans(shape, (side, side)) else None
 
 
 @dataclass(frozen=True)
@@ -69,13 +160,14 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class KeyMap:
-    """Where one checkpoint family keeps its ViT embeddings, relative to the model's key prefix.
+    """Where one checkpoint family keeps the tensors tied to its geometry, relative to the model's key prefix.
 
     Attributes:
         family: the name users pass to ``--family``.
-        pos_embed: the position table, ``[1, prefix + H*W, D]`` (``pos_layout="LD"``: ``[prefix + H*W, D]``).
+        pos_embed: the absolute position table (``[1, prefix + H*W, D]``, or another :data:`PosLayout`), or
+            ``None`` for a family without one (rotary, relative, conditional encodings).
         patch_embed: the conv patch-embedding kernel, ``[D, C, ph, pw]`` (``patch_layout="HWIO"``:
-            ``[ph, pw, C, D]``, as JAX stores it).
+            ``[ph, pw, C, D]``, as JAX stores it). A family without ``pos_embed`` is found by this key.
         tokens: prefix-token parameters whose rows lead the position table, in table order. Tokens that live
             outside the table (DINOv2 registers, a big_vision class token) are not listed.
         native_method: the interpolation convention of the family's own library.
@@ -83,20 +175,26 @@ class KeyMap:
         sep: the separator of key paths (``/`` in JAX ``.npz`` files).
         requires: keys that must exist beside the table for the map to apply (tells apart families that
             share key names, e.g. DINOv2's ``mask_token``).
+        markers: regular expressions (matched at the start of a key below the prefix) that must each match a
+            key for the map to apply; ``forbids``: ones that must match none.
         native_when: ``(key, method)``: a key whose presence selects another native method (HF DINOv2 with
             registers antialiases, without it does not).
-        position_ids: an integer buffer ``[1, rows]`` that counts the table's rows (older HF CLIP files); it
-            is rewritten to count the new rows.
+        rules: the other tensors tied to the grid or the window (:class:`Rule`): relative tables, their index
+            buffers, ``position_ids``.
+        scheme: how the family encodes positions (:data:`Scheme`); ``scheme_note`` says, for users, what that
+            means for a new image size (why nothing changes, where the model resamples itself).
+        window: the family's tables span an attention window that ``--window`` sets (Swin).
         stems: ``(pattern, what)``: a key (a regular expression matched at the start of the key below the model
             prefix) that shows the patch kernel is not the patch, because a stem runs before it (a hybrid's CNN)
             or the kernel is strided otherwise (Hiera's 7x7 stride-4 conv). The table's grid is then
             image / stride, and the stride cannot be read from the weights. ``what`` names it, ``{key}`` the key.
+        fixed_patch: why ``--patch`` cannot change this family's patch (several kernels, a conv stem), or ``None``.
         unsupported: ``(pattern, why)``: a key that marks a model of this layout whose table vitresize must
             not resample; ``why`` says so (``{key}``: the key), and what to do instead.
     """
 
     family: str
-    pos_embed: str
+    pos_embed: str | None
     patch_embed: str
     tokens: tuple[str, ...]
     native_method: str
@@ -105,29 +203,50 @@ class KeyMap:
     pos_layout: PosLayout = "1LD"
     patch_layout: PatchLayout = "OIHW"
     requires: tuple[str, ...] = ()
+    markers: tuple[str, ...] = ()
+    forbids: tuple[str, ...] = ()
     native_when: tuple[tuple[str, str], ...] = ()
-    position_ids: str | None = None
+    rules: tuple[Rule, ...] = ()
+    scheme: Scheme = "absolute"
+    scheme_note: str = ""
+    window: bool = False
     stems: tuple[tuple[str, str], ...] = ()
+    fixed_patch: str | None = None
     unsupported: tuple[tuple[str, str], ...] = ()
+    untied: tuple[str, ...] = ()
+    """Regular expressions (matched at the start of a key below the prefix) of keys that look positional but
+    do not depend on the grid (vit_relpos's ``rel_pos.mlp``, XCiT's Fourier ``pos_embed.token_projection``)."""
+
+    @property
+    def anchor(self) -> str:
+        """The key a model of this family is found by: its position table, else its patch kernel."""
+        return self.pos_embed if self.pos_embed is not None else self.patch_embed
 
 
 @dataclass(frozen=True)
 class Found:
-    """One ViT found in a state dict: its key prefix (e.g. ``module.``) and the keys that matter.
+    """One model found in a state dict: its key prefix (e.g. ``module.``) and the keys that matter.
 
-    ``stem``: why the patch kernel is not the patch (what runs before it, and the key that shows it), or
-    ``None`` for a plain ViT, whose patch is its kernel. ``unsupported``: why this table must not be
-    resampled, or ``None``.
+    ``pos_key`` is ``None`` for a family without an absolute table. ``tied``: the keys of the other tensors
+    tied to the geometry, each with its :class:`Rule`. ``stem``: why the patch kernel is not the patch (what runs
+    before it, and the key that shows it), or ``None`` for a plain ViT, whose patch is its kernel.
+    ``unsupported``: why this table must not be resampled, or ``None``.
     """
 
     keymap: KeyMap
     prefix: str
-    pos_key: str
+    pos_key: str | None
     patch_key: str
     token_keys: tuple[str, ...]
     token_rows: int
     stem: str | None = None
     unsupported: str | None = None
+    tied: tuple[tuple[str, Rule], ...] = ()
+
+    @property
+    def anchor_key(self) -> str:
+        """The key the model was found by (its table, else its kernel), for messages."""
+        return self.pos_key if self.pos_key is not None else self.patch_key
 
     def native_method(self, tensors: Mapping[str, TensorInfo]) -> str:
         """The family's own convention for this model (some depend on which tokens it has)."""
@@ -138,6 +257,8 @@ class Found:
 
     def prefix_candidates(self) -> tuple[int, ...]:
         """Prefix-row counts the evidence allows, most likely first."""
+        if self.keymap.pos_layout in GRID_LAYOUTS:
+            return (0,)
         if self.token_rows and self.keymap.no_embed_class:
             return (self.token_rows, 0)
         return (self.token_rows,)
@@ -149,7 +270,7 @@ def token_rows(info: TensorInfo) -> int:
 
 
 def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Found], list[str]]:
-    """All ViTs of ``keymap``'s layout in ``tensors``, under any key prefix.
+    """All models of ``keymap``'s layout in ``tensors``, under any key prefix.
 
     Returns:
         ``(found, near_misses)``: near misses are position keys of the right name whose patch kernel is
@@ -157,17 +278,23 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
     """
     found: list[Found] = []
     misses: list[str] = []
-    suffix = keymap.sep + keymap.pos_embed
+    anchor = keymap.anchor
+    suffix = keymap.sep + anchor
     for key, info in tensors.items():
-        if key != keymap.pos_embed and not key.endswith(suffix):
+        if key != anchor and not key.endswith(suffix):
             continue
-        prefix = key[: len(key) - len(keymap.pos_embed)]
+        prefix = key[: len(key) - len(anchor)]
         if any(prefix + r not in tensors for r in keymap.requires):
             continue
+        below = [k[len(prefix) :] for k in tensors if k.startswith(prefix)]
+        if not all(any(re.match(m, k) for k in below) for m in keymap.markers):
+            continue
+        if any(re.match(m, k) for m in keymap.forbids for k in below):
+            continue
         patch_key = prefix + keymap.patch_embed
-        if pos_rows(info.shape, keymap.pos_layout) is None:
-            want = "[tokens, dim]" if keymap.pos_layout == "LD" else "[1, tokens, dim]"
-            misses.append(f"{key} has shape {list(info.shape)}, not {want}")
+        pos_key = key if keymap.pos_embed is not None else None
+        if pos_key is not None and pos_rows(info.shape, keymap.pos_layout) is None:
+            misses.append(f"{key} has shape {list(info.shape)}, not {_LAYOUT_TEXT[keymap.pos_layout]}")
             continue
         patch = tensors.get(patch_key)
         if patch is None:
@@ -185,8 +312,40 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
         rows = sum(token_rows(tensors[k]) for k in token_keys)
         stem = _marked(tensors, prefix, keymap.stems)
         unsupported = _marked(tensors, prefix, keymap.unsupported)
-        found.append(Found(keymap, prefix, key, patch_key, token_keys, rows, stem, unsupported))
+        tied = tuple((prefix + k, r) for k in below for r in keymap.rules if r.matches(k))
+        if unsupported is None:
+            unsupported = _unknown_positional(below, prefix, keymap, {k for k, _ in tied} | {key})
+        found.append(Found(keymap, prefix, pos_key, patch_key, token_keys, rows, stem, unsupported, tied))
     return found, misses
+
+
+_LAYOUT_TEXT = {"1LD": "[1, tokens, dim]", "LD": "[tokens, dim]", "1HWD": "[1, H, W, dim]", "1DHW": "[1, dim, H, W]"}
+
+
+POSITIONAL = re.compile(
+    r"(^|[./_])(pos_?embed\w*|posembed\w*|pos_embedding|position_embeddings?|positional_embedding|"
+    r"relative_position\w*|rel_pos\w*|attention_bias\w*|attn_mask|position_ids|patch_pos|pixel_pos|rope\w*)"
+    r"($|[./])",
+    re.IGNORECASE,
+)
+"""Key names that suggest a tensor tied to positions: one no rule of the family covers makes its model refused,
+not converted as if it were not there."""
+
+
+def _unknown_positional(below: list[str], prefix: str, keymap: KeyMap, covered: set[str]) -> str | None:
+    """Why a model is refused when a key below ``prefix`` looks positional and no rule of ``keymap`` covers it."""
+    for k in below:
+        if (
+            prefix + k not in covered
+            and POSITIONAL.search(k)
+            and not any(re.match(u, k) for u in keymap.untied)
+            and k not in keymap.tokens
+        ):
+            return (
+                f"{prefix + k} looks tied to positions, and vitresize does not know how the {keymap.family} "
+                f"layout uses it; it is refused rather than converted without it (please report the model)"
+            )
+    return None
 
 
 def _marked(tensors: Mapping[str, TensorInfo], prefix: str, marks: tuple[tuple[str, str], ...]) -> str | None:

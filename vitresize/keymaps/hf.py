@@ -15,7 +15,7 @@ Older CLIP files carry the buffer ``embeddings.position_ids``, which is rewritte
 is not the patch.
 """
 
-from .base import KeyMap
+from .base import KeyMap, Rule
 
 HF_VIT = KeyMap(
     family="hf",
@@ -34,5 +34,5 @@ HF_CLIP = KeyMap(
     tokens=("embeddings.class_embedding",),
     native_method="hf",
     pos_layout="LD",
-    position_ids="embeddings.position_ids",
+    rules=(Rule(r"embeddings\.position_ids", "position_ids"),),
 )
