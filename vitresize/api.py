@@ -83,6 +83,8 @@ def _embeddings(
             patch = tensors[f.patch_key]
             km = f.keymap
             kernel = kernel_size(patch.shape, km.patch_layout)
+            fixed = km.stride(tensors, f.prefix) if km.stride is not None else None
+            kernel = (fixed, fixed) if fixed else kernel
             pos = tensors[f.pos_key] if f.pos_key is not None else None
             source: Geometry | None = None
             notes: list[str] = []
@@ -336,7 +338,7 @@ def _check_window(embeddings: list[Embedding], window: Size | None) -> None:
     if window is None:
         return
     for e in embeddings:
-        if e.window is None:
+        if not KEYMAPS[e.family].window:
             raise UsageError(
                 f"{param('window')} applies to models with windowed attention (Swin); {e.anchor_key}'s model "
                 f"({e.family}) has no window to change; drop {param('window')}"
@@ -488,6 +490,13 @@ def _tied_change(
         old, new_size, what = src.grid, dst.grid, "grid"
     elif spans_window and old_window is not None:
         old, new_size, what = old_window, m.window or old_window, "window"
+        if rule.stage:
+            if dst.grid == (0, 0):
+                raise GeometryError(
+                    f"{key} belongs to a stage whose window depends on the grid, which is not known; pass "
+                    f"{param('from_img_size')} (or {param('img_size')})"
+                )
+            new_size = rule.stage_window(key[len(e.key_prefix) :], new_size, dst.grid)
     elif not e.grid_known and rule.span == "grid":
         if dst.grid == (0, 0):
             return None

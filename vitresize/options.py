@@ -36,7 +36,24 @@ __all__ = [
 SizeLike = int | str | tuple[int, int]
 """A size as a caller may give it: ``384``, ``"384"``, ``"384x512"`` (height x width) or ``(384, 512)``."""
 
-Family = Literal["auto", "dinov2", "timm", "torchvision", "hf", "hf-clip", "open_clip", "vit_jax", "big_vision"]
+Family = Literal[
+    "auto",
+    "dinov2",
+    "timm-beit",
+    "timm-swin",
+    "timm-swinv2",
+    "timm",
+    "timm-relpos",
+    "timm-rope",
+    "timm-twins",
+    "timm-xcit",
+    "torchvision",
+    "hf",
+    "hf-clip",
+    "open_clip",
+    "vit_jax",
+    "big_vision",
+]
 """``auto`` or a checkpoint family: a key of :data:`vitresize.keymaps.KEYMAPS`."""
 Method = Literal[
     "native", "timm", "torchvision", "deit", "hf", "hf-dinov2-reg", "open_clip", "dinov2", "dinov2-reg", "big_vision"

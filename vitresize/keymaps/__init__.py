@@ -10,18 +10,40 @@ from collections.abc import Mapping
 
 from ..errors import UsageError, param
 from .base import Found, KeyMap, TensorInfo, find_in
+from .beit import TIMM_BEIT
 from .dinov2 import DINOV2
 from .hf import HF_CLIP, HF_VIT
 from .jax import BIG_VISION, VIT_JAX
+from .misc import TWINS, XCIT
 from .open_clip import OPEN_CLIP
+from .rope import TIMM_RELPOS, TIMM_ROPE
+from .swin import TIMM_SWIN, TIMM_SWINV2
 from .timm import TIMM
 from .torchvision import TORCHVISION
 
 __all__ = ["KEYMAPS", "Found", "KeyMap", "TensorInfo", "find_vits"]
 
-# Most specific first: a table matched by two maps (DINOv2's also looks like timm's) goes to the first.
+# Most specific first: a model matched by two maps (DINOv2's table also looks like timm's, every timm model has
+# a patch_embed.proj) goes to the first.
 KEYMAPS: dict[str, KeyMap] = {
-    km.family: km for km in (DINOV2, TIMM, TORCHVISION, HF_VIT, HF_CLIP, OPEN_CLIP, VIT_JAX, BIG_VISION)
+    km.family: km
+    for km in (
+        DINOV2,
+        TIMM_BEIT,
+        TIMM_SWIN,
+        TIMM_SWINV2,
+        TIMM,
+        TIMM_RELPOS,
+        TIMM_ROPE,
+        TWINS,
+        XCIT,
+        TORCHVISION,
+        HF_VIT,
+        HF_CLIP,
+        OPEN_CLIP,
+        VIT_JAX,
+        BIG_VISION,
+    )
 }
 
 
@@ -41,7 +63,7 @@ def find_vits(tensors: Mapping[str, TensorInfo], family: str = "auto") -> tuple[
     misses: list[str] = []
     for km in keymaps:
         f, m = find_in(tensors, km)
-        taken = {x.pos_key for x in found}
-        found += [x for x in f if x.pos_key not in taken]
+        taken = {x.prefix for x in found}  # one model per prefix: the first (most specific) map that finds it
+        found += [x for x in f if x.prefix not in taken]
         misses += m
     return found, misses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,9 +40,10 @@ RuleOp = Literal["rel_bias", "rel_pos_1d", "rel_index", "position_ids"]
 """What a :class:`Rule` does to its tensors: resample a 2-D relative position bias table (``rel_bias``) or a
 1-D one (``rel_pos_1d``), regenerate a ``relative_position_index`` buffer (``rel_index``), or recount an
 integer ``position_ids`` buffer (``position_ids``)."""
-Scheme = Literal["absolute", "relative", "rotary", "conditional", "runtime", "none"]
-"""How a family encodes positions: an absolute table, relative tables (or biases), rotary embeddings, a
-conditional (convolutional) encoding, a table the model resamples itself at run time, or none."""
+Scheme = Literal["absolute", "relative", "rotary", "sincos", "conditional", "runtime", "none"]
+"""How a family encodes positions: an absolute table, relative tables (or biases), rotary embeddings, sin-cos
+features computed at run time, a conditional (convolutional) encoding, a table the model resamples itself at run
+time, or none."""
 PatchLayout = Literal["OIHW", "HWIO"]
 """A patch kernel's layout: torch's ``[dim, channels, ph, pw]`` (``OIHW``), or JAX's ``[ph, pw, channels, dim]``."""
 
@@ -104,6 +105,17 @@ class Rule:
     layout: Literal["LH", "HLL", "LD"] = "LH"
     extra_rows: int = 0
     axis: int = 0
+    stage: bool = False
+    """The pattern's first group is a stage index ``s``: the window is clamped to the stage's grid,
+    ``grid // 2**s``, where that is smaller (timm's Swin)."""
+
+    def stage_window(self, key: str, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+        """The window this rule's tensor ``key`` (below the prefix) spans for a model ``window`` at ``grid``."""
+        m = re.fullmatch(self.pattern, key) if self.stage else None
+        if m is None:
+            return window
+        s = int(m.group(1))
+        return (min(window[0], grid[0] >> s), min(window[1], grid[1] >> s))
 
     def matches(self, key: str) -> bool:
         """Whether ``key`` (below the model prefix) is one of this rule's tensors."""
@@ -213,6 +225,9 @@ class KeyMap:
     stems: tuple[tuple[str, str], ...] = ()
     fixed_patch: str | None = None
     unsupported: tuple[tuple[str, str], ...] = ()
+    stride: Callable[[Mapping[str, TensorInfo], str], int | None] | None = None
+    """The family's patch read from its keys (called with the state dict and the model prefix) where it is not
+    the kernel's size: a stem of stride-2 convolutions (XCiT), a hybrid's CNN; ``None`` from it: unknown."""
     untied: tuple[str, ...] = ()
     """Regular expressions (matched at the start of a key below the prefix) of keys that look positional but
     do not depend on the grid (vit_relpos's ``rel_pos.mlp``, XCiT's Fourier ``pos_embed.token_projection``)."""

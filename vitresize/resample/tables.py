@@ -61,7 +61,7 @@ def _interp_linear(
     for onoff in itertools.product([0, 1], repeat=2):
         a = [idx[o] for o, idx in zip(onoff, idxs, strict=True)]
         b = [dist[1 - o] for o, dist in zip(onoff, dists, strict=True)]
-        numerator = numerator + values[a] * torch.prod(torch.stack(b), dim=0)
+        numerator = numerator + values[tuple(a)] * torch.prod(torch.stack(b), dim=0)
     return numerator / torch.prod(torch.stack(overalls), dim=0)
 
 

@@ -1,0 +1,238 @@
+"""Vision transformers beyond the plain ViT, against their library: each case builds a tiny timm model at random
+init, converts it with vitresize, and checks that the output loads strictly into the model timm builds at the
+target and equals what timm's own ``checkpoint_filter_fn`` makes of the source (bit for bit where timm calls
+the same kernels, else within 1e-6 relative). Targets that change nothing exit 0 and name the scheme.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models import beit, eva, swin_transformer, vision_transformer_relpos
+from typer.testing import CliRunner
+
+import vitresize
+from vitresize.cli import app
+from vitresize.errors import VitresizeError
+
+Filter = Callable[[dict[str, torch.Tensor], torch.nn.Module], dict[str, torch.Tensor]]
+
+BEIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+SWIN = {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": (1, 1, 2, 2)}
+ROPE = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def _model(name: str, **kwargs: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    with torch.no_grad():  # random tables, not timm's zero init, so that resampling shows
+        for k, p in model.named_parameters():
+            if "relative_position" in k or "pos_embed" in k:
+                p.normal_()
+    return model.eval()
+
+
+def _save(model: torch.nn.Module, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _assert_close(out: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(out) == set(want)
+    for k, v in want.items():
+        assert out[k].shape == v.shape, k
+        assert out[k].dtype == v.dtype, k
+        if v.is_floating_point():
+            torch.testing.assert_close(out[k], v, rtol=1e-6, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(out[k], v), k
+
+
+CASES = [
+    # (model, build kwargs, source kwargs, target kwargs for timm, vitresize target, filter, changed keys)
+    pytest.param(
+        "beit_base_patch16_224",
+        BEIT,
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        beit.checkpoint_filter_fn,
+        2,
+        id="beit-384",
+    ),
+    pytest.param(
+        "beit_base_patch16_224",
+        BEIT,
+        {},
+        {"img_size": 160},
+        {"img_size": 160},
+        beit.checkpoint_filter_fn,
+        2,
+        id="beit-smaller",
+    ),
+    pytest.param(
+        "beit_base_patch16_224",
+        BEIT,
+        {},
+        {"patch_size": 8},
+        {"patch": 8},
+        beit.checkpoint_filter_fn,
+        3,
+        id="beit-patch8",
+    ),
+    pytest.param(
+        "swin_tiny_patch4_window7_224",
+        SWIN,
+        {},
+        {"img_size": 384, "window_size": 12},
+        {"img_size": 384, "window": 12},
+        swin_transformer.checkpoint_filter_fn,
+        4,
+        id="swin-384-window12",
+    ),
+    pytest.param(
+        "swin_tiny_patch4_window7_224",
+        SWIN,
+        {},
+        {"img_size": 224, "window_size": 12},
+        {"window": 12, "from_img_size": 224},
+        swin_transformer.checkpoint_filter_fn,
+        3,
+        id="swin-window12-clamped",
+    ),
+    pytest.param(
+        "swin_tiny_patch4_window7_224",
+        SWIN,
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        swin_transformer.checkpoint_filter_fn,
+        0,
+        id="swin-same-window",
+    ),
+    pytest.param(
+        "vit_small_patch16_rope_224",
+        ROPE,
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        eva.checkpoint_filter_fn,
+        0,
+        id="rope-384",
+    ),
+    pytest.param(
+        "vit_small_patch16_rope_224",
+        ROPE,
+        {},
+        {"patch_size": 8},
+        {"patch": 8},
+        eva.checkpoint_filter_fn,
+        1,
+        id="rope-patch8",
+    ),
+    pytest.param(
+        "vit_relpos_small_patch16_224",
+        ROPE,
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        vision_transformer_relpos.checkpoint_filter_fn,
+        0,
+        id="relpos-384",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "small", "src_kw", "dst_kw", "target", "oracle", "changed"), CASES)
+def test_converts_as_the_library(
+    tmp_path: Path,
+    name: str,
+    small: dict[str, Any],
+    src_kw: dict[str, Any],
+    dst_kw: dict[str, Any],
+    target: dict[str, Any],
+    oracle: Filter,
+    changed: int,
+) -> None:
+    src_model = _model(name, **small, **src_kw)
+    src = _save(src_model, tmp_path / "in.safetensors")
+    rep = vitresize.convert(src, tmp_path / "out.safetensors", **target)
+    assert len({c.key.split(".")[0] + c.op for c in rep.plan.changes}) <= max(changed, 1)
+    assert bool(rep.plan.changes) == bool(changed)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    dst_model = _model(name, **small, **dst_kw)
+    dst_model.load_state_dict(out, strict=True)
+    want = oracle(dict(src_model.state_dict()), dst_model)
+    _assert_close(out, want)
+
+
+@pytest.mark.parametrize(
+    ("name", "small", "scheme"),
+    [
+        ("vit_small_patch16_rope_224", ROPE, "rotary"),
+        ("vit_relpos_small_patch16_224", ROPE, "relative"),
+        ("swinv2_tiny_window8_256", SWIN, "relative"),
+        ("twins_svt_small", {"depths": (1, 1, 1, 1)}, "conditional"),
+        ("xcit_nano_12_p16_224", {"depth": 1}, "sincos"),
+    ],
+)
+def test_nothing_to_change_is_a_success(tmp_path: Path, name: str, small: dict[str, Any], scheme: str) -> None:
+    src = _save(_model(name, **small), tmp_path / "in.safetensors")
+    res = CliRunner().invoke(
+        app, ["convert", str(src), str(tmp_path / "out.safetensors"), "--img-size", "384", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["changes"] == []
+    assert doc["scheme"] == scheme
+    assert any("nothing to resample" in w and "encodes positions by" in w for w in doc["warnings"])
+    ins = vitresize.inspect(src)
+    assert ins.embeddings[0].scheme == scheme
+
+
+def test_window_on_a_model_without_one_is_refused(tmp_path: Path) -> None:
+    src = _save(_model("beit_base_patch16_224", **BEIT), tmp_path / "in.safetensors")
+    with pytest.raises(VitresizeError, match="--window|window"):
+        vitresize.plan(src, window=12)
+
+
+def test_patch_of_a_conv_stem_is_refused(tmp_path: Path) -> None:
+    src = _save(_model("xcit_nano_12_p16_224", depth=1), tmp_path / "in.safetensors")
+    with pytest.raises(VitresizeError, match="stride-2 convolutions"):
+        vitresize.plan(src, patch=8)
+
+
+def test_unknown_positional_key_refuses(tmp_path: Path) -> None:
+    sd = {k: v.contiguous() for k, v in _model("vit_small_patch16_rope_224", **ROPE).state_dict().items()}
+    sd["blocks.0.attn.rope_table"] = torch.zeros(196, 16)
+    path = tmp_path / "in.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(VitresizeError, match="rope_table looks tied to positions"):
+        vitresize.plan(path, img_size=384)
+
+
+def test_beit_index_buffers_are_regenerated(tmp_path: Path) -> None:
+    """Original BEiT checkpoints save relative_position_index: it is rebuilt for the new grid, as timm builds it."""
+    model = _model("beit_base_patch16_224", **BEIT)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, buf in model.named_buffers():
+        if name.endswith("relative_position_index"):
+            sd[name] = buf.contiguous()
+    path = tmp_path / "in.safetensors"
+    save_file(sd, str(path))
+    vitresize.convert(path, tmp_path / "out.safetensors", img_size=384)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    big = _model("beit_base_patch16_224", **BEIT, img_size=384)
+    for name, buf in big.named_buffers():
+        if name.endswith("relative_position_index"):
+            assert torch.equal(out[name], buf), name
