@@ -16,7 +16,8 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.models import beit, eva, swin_transformer, vision_transformer_relpos
+from timm.layers import resample_abs_pos_embed_nhwc
+from timm.models import beit, eva, swin_transformer, tnt, vision_transformer_relpos
 from typer.testing import CliRunner
 
 import vitresize
@@ -28,6 +29,15 @@ Filter = Callable[[dict[str, torch.Tensor], torch.nn.Module], dict[str, torch.Te
 BEIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 SWIN = {"depths": (1, 1, 1, 1), "embed_dim": 16, "num_heads": (1, 1, 2, 2)}
 ROPE = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+TNT = {"depth": 1, "embed_dim": 32, "inner_dim": 8, "num_heads_outer": 2, "num_heads_inner": 2}
+VOLO: dict[str, Any] = {}  # volo_d1 fixes its layers and widths; small enough (26M parameters)
+
+
+def _volo_filter(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """timm's NHWC resampler (VOLO has no filter of its own)."""
+    out = dict(sd)
+    out["pos_embed"] = resample_abs_pos_embed_nhwc(sd["pos_embed"], list(model.pos_embed.shape[1:3]))
+    return out
 
 
 def _model(name: str, **kwargs: Any) -> torch.nn.Module:
@@ -140,6 +150,28 @@ CASES = [
         1,
         id="rope-patch8",
     ),
+    pytest.param(
+        "tnt_s_patch16_224",
+        TNT,
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        tnt.checkpoint_filter_fn,
+        1,
+        id="tnt-384",
+    ),
+    pytest.param(
+        "tnt_s_patch16_224",
+        TNT,
+        {},
+        {"img_size": (224, 320)},
+        {"img_size": "224x320"},
+        tnt.checkpoint_filter_fn,
+        1,
+        id="tnt-nonsquare",
+    ),
+    pytest.param("volo_d1_224", VOLO, {}, {"img_size": 384}, {"img_size": 384}, _volo_filter, 1, id="volo-384"),
+    pytest.param("volo_d1_224", VOLO, {}, {"img_size": 160}, {"img_size": 160}, _volo_filter, 1, id="volo-smaller"),
     pytest.param(
         "vit_relpos_small_patch16_224",
         ROPE,

@@ -42,6 +42,8 @@ Family = Literal[
     "timm-beit",
     "timm-swin",
     "timm-swinv2",
+    "timm-tnt",
+    "timm-volo",
     "timm",
     "timm-relpos",
     "timm-rope",

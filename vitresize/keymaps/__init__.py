@@ -19,6 +19,7 @@ from .open_clip import OPEN_CLIP
 from .rope import TIMM_RELPOS, TIMM_ROPE
 from .swin import TIMM_SWIN, TIMM_SWINV2
 from .timm import TIMM
+from .tnt_volo import TIMM_TNT, TIMM_VOLO
 from .torchvision import TORCHVISION
 
 __all__ = ["KEYMAPS", "Found", "KeyMap", "TensorInfo", "find_vits"]
@@ -32,6 +33,8 @@ KEYMAPS: dict[str, KeyMap] = {
         TIMM_BEIT,
         TIMM_SWIN,
         TIMM_SWINV2,
+        TIMM_TNT,
+        TIMM_VOLO,
         TIMM,
         TIMM_RELPOS,
         TIMM_ROPE,

@@ -107,7 +107,7 @@ class Rule:
     axis: int = 0
     stage: bool = False
     """The pattern's first group is a stage index ``s``: the window is clamped to the stage's grid,
-    ``grid // 2**s``, where that is smaller (timm's Swin)."""
+    ``ceil(grid / 2**s)``, where that is smaller (timm's Swin)."""
 
     def stage_window(self, key: str, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         """The window this rule's tensor ``key`` (below the prefix) spans for a model ``window`` at ``grid``."""
@@ -115,7 +115,7 @@ class Rule:
         if m is None:
             return window
         s = int(m.group(1))
-        return (min(window[0], grid[0] >> s), min(window[1], grid[1] >> s))
+        return (min(window[0], -(-grid[0] >> s)), min(window[1], -(-grid[1] >> s)))  # stage grid: ceil(grid / 2**s)
 
     def matches(self, key: str) -> bool:
         """Whether ``key`` (below the model prefix) is one of this rule's tensors."""
