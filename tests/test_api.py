@@ -210,6 +210,11 @@ def test_literals_match_the_registries() -> None:
     from vitresize.formats import WRITERS
 
     assert set(typing.get_args(vitresize.options.OutputFormat)) == {*WRITERS, "folder"}
+    from vitresize.keymaps.base import RuleOp
+    from vitresize.resample.ops import OPS
+
+    assert set(typing.get_args(vitresize.options.Op)) == set(OPS)
+    assert set(typing.get_args(RuleOp)) <= set(OPS)
 
 
 def test_fields_typeddicts_match_the_dataclasses() -> None:

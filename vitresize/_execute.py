@@ -62,71 +62,25 @@ def _select(plan: Plan, ckpt: Checkpoint, writer: Writer, select: str | None) ->
 def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], list[str]]:
     """The resampled tensors, and a warning for each input tensor holding NaN or Inf."""
     from .formats.base import nonfinite
-    from .resample.patch_embed import resample_patch_embed
-    from .resample.tables import resize_rel_bias, resize_rel_pos_1d
+    from .resample.ops import GENERATED, OPS
 
     owner = _owners(plan)
     out: dict[Key, torch.Tensor] = {}
     warnings: list[str] = []
     for c in plan.changes:
         m = owner[(c.state_dict, c.key)]
-        e = m.embedding
-        if c.op in ("position_ids", "rel_index"):
-            out[(c.state_dict, c.key)] = _regenerated(c, ckpt.tensor(c.state_dict, c.key))
-            continue
-        t = ckpt.tensor(c.state_dict, c.key).to(plan.device)
-        bad = nonfinite(t)
-        if bad:
-            name = f"{c.state_dict}/{c.key}" if c.state_dict else c.key
-            warnings.append(
-                f"{name} holds {bad} NaN/Inf value(s) of {t.numel()}; interpolation spreads them into "
-                f"neighbouring entries of the output (is the checkpoint corrupt?)"
-            )
-        if c.op == "pos_embed":
-            new = _resample_table(t, m, plan)
-        elif c.op == "rel_bias":
-            assert c.spans is not None
-            old, size = c.spans
-            layout = "HLL" if len(c.old_shape) == 3 else "LH"
-            new = resize_rel_bias(t, old_window=old, new_window=size, extra_rows=c.extra_rows, layout=layout)
-        elif c.op == "rel_pos_1d":
-            new = resize_rel_pos_1d(t, c.new_shape[0])
-        else:
-            kernel = t.permute(3, 2, 0, 1) if e.patch_layout == "HWIO" else t  # HWIO -> OIHW
-            new = resample_patch_embed(kernel, m.target.patch, basis=plan.patch_convention, method=plan.patch_method)
-            new = new.permute(2, 3, 1, 0) if e.patch_layout == "HWIO" else new
-        out[(c.state_dict, c.key)] = new.cpu().contiguous()
+        t = ckpt.tensor(c.state_dict, c.key)
+        if c.op not in GENERATED:
+            t = t.to(plan.device)
+            bad = nonfinite(t)
+            if bad:
+                name = f"{c.state_dict}/{c.key}" if c.state_dict else c.key
+                warnings.append(
+                    f"{name} holds {bad} NaN/Inf value(s) of {t.numel()}; interpolation spreads them into "
+                    f"neighbouring entries of the output (is the checkpoint corrupt?)"
+                )
+        out[(c.state_dict, c.key)] = OPS[c.op](t, c, m, plan).cpu().contiguous()
     return out, warnings
-
-
-def _resample_table(t: torch.Tensor, m: ModelPlan, plan: Plan) -> torch.Tensor:
-    """A position table of any layout, resampled on its grid rows as ``[1, rows, D]``."""
-    from .resample.pos_embed import resample_pos_embed
-
-    e = m.embedding
-    (gh, gw), (nh, nw) = m.source.grid, m.target.grid
-    if e.pos_layout == "LD":
-        table = t.unsqueeze(0)
-    elif e.pos_layout == "1HWD":
-        table = t.reshape(1, gh * gw, t.shape[-1])
-    elif e.pos_layout == "1DHW":
-        table = t.permute(0, 2, 3, 1).reshape(1, gh * gw, t.shape[1])
-    else:
-        table = t
-    new = resample_pos_embed(
-        table,
-        old_grid=m.source.grid,
-        new_grid=m.target.grid,
-        num_prefix_tokens=e.prefix_rows,
-        convention=plan.pos_convention,
-    )
-    if e.pos_layout == "LD":
-        return new.squeeze(0)
-    if e.pos_layout == "1HWD":
-        return new.reshape(1, nh, nw, new.shape[-1])
-    if e.pos_layout == "1DHW":
-        return new.reshape(1, nh, nw, new.shape[-1]).permute(0, 3, 1, 2)
-    return new
 
 
 def _owners(plan: Plan) -> dict[Key, ModelPlan]:
@@ -181,19 +135,6 @@ def _resample_torchfree(plan: Plan, ckpt: Checkpoint) -> dict[Key, Table] | None
             return None
         out[(c.state_dict, c.key)] = table
     return out
-
-
-def _regenerated(c: TensorChange, old: torch.Tensor) -> torch.Tensor:
-    """An integer buffer built anew for the new geometry, in the old buffer's dtype: a ``[1, rows]`` row counter
-    (``position_ids``), or a relative position index."""
-    import torch
-
-    if c.op == "position_ids":
-        return torch.arange(c.new_shape[1], dtype=old.dtype).reshape(c.new_shape)
-    from .resample.tables import relative_position_index
-
-    assert c.spans is not None
-    return relative_position_index(c.spans[1], class_token=c.extra_rows > 0, dtype=old.dtype)
 
 
 class _Resampled:

@@ -17,7 +17,7 @@ from .errors import CheckpointFormatError, DeviceError, GeometryError, Message, 
 from .formats import Checkpoint, open_checkpoint
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
 from .keymaps.base import Rule, kernel_shape, kernel_size, pos_grid, pos_rows, pos_shape, token_rows
-from .options import EXECUTE_FIELDS, Family, Options, Target, resolve
+from .options import EXECUTE_FIELDS, GENERATED_OPS, Family, Options, Target, resolve
 from .plans import Embedding, ModelPlan, Plan, TensorChange
 from .report import Inspection, Report, StateDictSummary
 from .resample.conventions import RESAMPLED_DTYPES, resolve_conventions
@@ -442,7 +442,9 @@ def _changes(m: ModelPlan, tensors: dict[str, TensorInfo], patch_method: str) ->
         if change is not None:
             new_shape, detail, spans = change
             out.append(
-                TensorChange(e.state_dict, key, shape, new_shape, dtype, rule.op, detail, spans, rule.extra_rows)
+                TensorChange(
+                    e.state_dict, key, shape, new_shape, dtype, rule.op, detail, spans, rule.extra_rows, rule.layout
+                )
             )
     if src.patch != dst.patch:
         out.append(
@@ -476,7 +478,12 @@ def _tied_change(
             return None
         new = rule.shape_for(shape, (0, 0), rows=new_rows)
         return (new, f"0..{new_rows - 1}, one per row of {e.pos_key}", None) if new is not None else None
-    spans_grid = rule.span == "grid" and e.grid_known and rule.spans(shape, src.grid)
+    below = key[len(e.key_prefix) :]
+    grid_old, grid_new = src.grid, dst.grid
+    if rule.size is not None and e.grid_known:
+        grid_old = rule.size(below, src.grid, src.patch)
+        grid_new = rule.size(below, dst.grid, dst.patch) if dst.grid != (0, 0) else grid_old
+    spans_grid = rule.span == "grid" and e.grid_known and rule.spans(shape, grid_old)
     old_window = e.window if e.window is not None and rule.spans(shape, e.window) else rule.square_span(shape)
     spans_window = rule.span == "window" or not spans_grid
     ambiguous = spans_grid and e.window is not None and rule.spans(shape, e.window)
@@ -487,7 +494,7 @@ def _tied_change(
             f"neither"
         )
     if spans_grid:
-        old, new_size, what = src.grid, dst.grid, "grid"
+        old, new_size, what = grid_old, grid_new, "grid"
     elif spans_window and old_window is not None:
         old, new_size, what = old_window, m.window or old_window, "window"
         if rule.stage:
@@ -496,7 +503,7 @@ def _tied_change(
                     f"{key} belongs to a stage whose window depends on the grid, which is not known; pass "
                     f"{param('from_img_size')} (or {param('img_size')})"
                 )
-            new_size = rule.stage_window(key[len(e.key_prefix) :], new_size, dst.grid)
+            new_size = rule.stage_window(below, new_size, dst.grid)
     elif not e.grid_known and rule.span == "grid":
         if dst.grid == (0, 0):
             return None
@@ -513,7 +520,12 @@ def _tied_change(
         return None
     new = rule.shape_for(shape, new_size)
     assert new is not None  # spans() checked the shape
-    how = {"rel_bias": "relative bias table", "rel_pos_1d": "1-D relative table", "rel_index": "index regenerated"}
+    how = {
+        "abs_table": "absolute table",
+        "rel_bias": "relative bias table",
+        "rel_pos_1d": "1-D relative table",
+        "rel_index": "index regenerated",
+    }
     return new, f"{what} {format_size(old)} -> {format_size(new_size)}, {how.get(rule.op, rule.op)}", (old, new_size)
 
 
@@ -536,7 +548,7 @@ def _source_window(f: Found, tensors: dict[str, TensorInfo], grid: Size | None) 
 def _check_dtypes(changes: tuple[TensorChange, ...]) -> None:
     """Only floating tensors are interpolated: an integer, bool, complex or float8 table is refused."""
     for c in changes:
-        if c.op in ("pos_embed", "patch_embed", "rel_bias", "rel_pos_1d") and c.dtype not in RESAMPLED_DTYPES:
+        if c.op not in GENERATED_OPS and c.dtype not in RESAMPLED_DTYPES:
             name = f"{c.state_dict}/{c.key}" if c.state_dict else c.key
             raise CheckpointFormatError(
                 f"{name} is {c.dtype}, and vitresize resamples only {', '.join(RESAMPLED_DTYPES)} tensors; "

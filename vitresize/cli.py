@@ -47,6 +47,16 @@ def _methods_epilog() -> str:
     return "Methods (--method; the README has the full table):\n" + "\n".join(lines)
 
 
+def _families_epilog() -> str:
+    """The ``--family`` choices, wrapped (the README's architecture table says what each converts)."""
+    import textwrap
+
+    names = "auto (from key names, the default), " + ", ".join(KEYMAPS) + "."
+    return "Families (--family; the README has the architecture table):\n" + textwrap.fill(
+        names, width=76, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
+    )
+
+
 def _examples(*lines: str) -> str:
     return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
 
@@ -187,7 +197,7 @@ FamilyOpt = Annotated[
     typer.Option(
         "--family",
         metavar="FAMILY",
-        help=f"auto (from key names), {', '.join(KEYMAPS)}.",
+        help="Checkpoint layout (see Families).",
     ),
 ]
 MethodOpt = Annotated[
@@ -345,6 +355,8 @@ def _output(*, product: bool, written: Path | None = None) -> Iterator[None]:
     cls=_Command,
     epilog=_methods_epilog()
     + "\n\n"
+    + _families_epilog()
+    + "\n\n"
     + _examples(
         "vitresize convert vit_b16_224.pth vit_b16_384.safetensors --img-size 384",
         "vitresize convert deit.pth deit_p8.pth --patch 8 --dry-run",
@@ -430,6 +442,8 @@ def convert(
 @app.command(
     cls=_Command,
     epilog=_examples("vitresize inspect vit_b16_224.pth", "vitresize inspect model.safetensors --json")
+    + "\n\n"
+    + _families_epilog()
     + "\n\n"
     + EPILOG.replace(" (also --dry-run and no-op)", ""),
 )

@@ -66,8 +66,11 @@ PatchMethod = Literal["pi", "interp"]
 """``pi``: FlexiViT's pseudo-inverse resize of the patch kernel; ``interp``: plain interpolation of the kernel."""
 OutputFormat = Literal["safetensors", "torch", "npz", "folder"]
 """What a conversion writes (a key of :data:`vitresize.formats.WRITERS`, or a model folder)."""
-Op = Literal["pos_embed", "patch_embed", "position_ids", "rel_bias", "rel_pos_1d", "rel_index"]
-"""What a :class:`~vitresize.plans.TensorChange` does to its tensor."""
+Op = Literal["pos_embed", "abs_table", "patch_embed", "position_ids", "rel_bias", "rel_pos_1d", "rel_index"]
+"""What a :class:`~vitresize.plans.TensorChange` does to its tensor (each has a function in
+:data:`vitresize.resample.ops.OPS`)."""
+GENERATED_OPS: frozenset[Op] = frozenset({"position_ids", "rel_index"})
+"""Ops that build their tensor anew (integer buffers): the source is read only for its dtype."""
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 

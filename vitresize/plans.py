@@ -155,7 +155,10 @@ class TensorChange:
     spans: tuple[Size, Size] | None = None
     """The grid or window a tied table spans, before and after (``None`` for the position table and kernel)."""
     extra_rows: int = 0
-    """Rows after a table's positions that are kept (BEiT's class rows), or an index's class token (1)."""
+    """Rows kept as they are: after a relative table's positions (BEiT's class rows), before an extra absolute
+    table's grid (its prefix rows); or an index's class token (1)."""
+    layout: str = ""
+    """The layout of an extra absolute table (``abs_table``: a :data:`~vitresize.keymaps.base.PosLayout`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {

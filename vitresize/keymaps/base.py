@@ -36,10 +36,11 @@ PosLayout = Literal["1LD", "LD", "1HWD", "1DHW"]
 one: ``[1, H, W, dim]`` (``1HWD``: SAM, VOLO) or ``[1, dim, H, W]`` (``1DHW``: PiT, Visformer). Grid layouts hold
 no prefix rows."""
 GRID_LAYOUTS: tuple[PosLayout, ...] = ("1HWD", "1DHW")
-RuleOp = Literal["rel_bias", "rel_pos_1d", "rel_index", "position_ids"]
-"""What a :class:`Rule` does to its tensors: resample a 2-D relative position bias table (``rel_bias``) or a
-1-D one (``rel_pos_1d``), regenerate a ``relative_position_index`` buffer (``rel_index``), or recount an
-integer ``position_ids`` buffer (``position_ids``)."""
+RuleOp = Literal["abs_table", "rel_bias", "rel_pos_1d", "rel_index", "position_ids"]
+"""What a :class:`Rule` does to its tensors: resample another absolute table (``abs_table``: a later stage's,
+a second branch's), a 2-D relative position bias table (``rel_bias``) or a 1-D one (``rel_pos_1d``),
+regenerate a ``relative_position_index`` buffer (``rel_index``), or recount an integer ``position_ids`` buffer
+(``position_ids``)."""
 Scheme = Literal["absolute", "relative", "rotary", "sincos", "conditional", "runtime", "none"]
 """How a family encodes positions: an absolute table, relative tables (or biases), rotary embeddings, sin-cos
 features computed at run time, a conditional (convolutional) encoding, a table the model resamples itself at run
@@ -94,18 +95,24 @@ class Rule:
         span: what the table spans: the whole patch grid (``"grid"``: BEiT, SAM's global attention), or the
             attention window (``"window"``: Swin, changed by ``--window``).
         layout: of a ``rel_bias`` table: ``"LH"`` (``[(2h-1)(2w-1) + extra_rows, heads]``) or ``"HLL"``
-            (``[heads, 2h-1, 2w-1]``, MaxViT); of a ``rel_pos_1d`` table: ``"LD"`` (``[2n-1, dim]``).
-        extra_rows: rows after the positions that are not positions (BEiT's three class rows); kept as they are.
+            (``[heads, 2h-1, 2w-1]``, MaxViT); of a ``rel_pos_1d`` table: ``"LD"`` (``[2n-1, dim]``); of an
+            ``abs_table``: a :data:`PosLayout`.
+        extra_rows: rows that are not positions, kept as they are: after a relative table's (BEiT's three class
+            rows), before an ``abs_table``'s grid (its prefix rows).
         axis: the axis a ``rel_pos_1d`` table runs along (0: height, 1: width).
     """
 
     pattern: str
     op: RuleOp
     span: Literal["grid", "window"] = "grid"
-    layout: Literal["LH", "HLL", "LD"] = "LH"
+    layout: str = "LH"
     extra_rows: int = 0
     axis: int = 0
     stage: bool = False
+    size: Callable[[str, tuple[int, int], tuple[int, int]], tuple[int, int]] | None = None
+    """For a ``"grid"`` rule whose tensor spans not the model's grid but one derived from it (a later stage's
+    table, a second branch's): called with the key below the prefix, the model's grid and its patch, it gives the
+    grid (or window) the tensor spans."""
     """The pattern's first group is a stage index ``s``: the window is clamped to the stage's grid,
     ``ceil(grid / 2**s)``, where that is smaller (timm's Swin)."""
 
@@ -125,6 +132,12 @@ class Rule:
         """The shape of this rule's tensor (now ``shape``) for a grid or window of ``size``; ``rows``: the new
         row count of the model's position table (``position_ids``). ``None`` if ``shape`` is not this rule's."""
         h, w = size
+        if self.op == "abs_table":
+            if self.layout in GRID_LAYOUTS and len(shape) == 4:
+                return (1, h, w, shape[3]) if self.layout == "1HWD" else (1, shape[1], h, w)
+            if self.layout == "LD" and len(shape) == 2:
+                return (self.extra_rows + h * w, shape[1])
+            return (1, self.extra_rows + h * w, shape[2]) if self.layout == "1LD" and len(shape) == 3 else None
         if self.op == "rel_bias" and self.layout == "HLL":
             return (shape[0], 2 * h - 1, 2 * w - 1) if len(shape) == 3 else None
         if self.op == "rel_bias":
@@ -144,6 +157,12 @@ class Rule:
 
     def square_span(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
         """The square grid or window a tensor of ``shape`` spans, if it is this rule's for one."""
+        if self.op == "abs_table":
+            grid = pos_grid(shape, self.layout) if self.layout in GRID_LAYOUTS else None
+            rows = shape[-2] if len(shape) >= 2 else 0
+            side = math.isqrt(max(rows - self.extra_rows, 0))
+            found = grid or (side, side)
+            return found if self.spans(shape, found) else None
         if self.op == "rel_bias" and self.layout == "HLL" and len(shape) == 3:
             n = shape[1]
         elif self.op == "rel_bias" and len(shape) == 2:
