@@ -95,7 +95,7 @@ def _embeddings(
             try:
                 if f.unsupported is not None:
                     raise GeometryError(f"{f.anchor_key} is left alone: {f.unsupported}")
-                if f.stem is None:
+                if f.stem is None or fixed:
                     hint, hint_from = _sidecar_grid(ckpt, kernel), "config.json"
                     if hint is None:
                         hint, hint_from = meta_hint, "metadata"
