@@ -17,7 +17,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed_nhwc
-from timm.models import beit, eva, swin_transformer, tnt, vision_transformer_relpos
+from timm.models import beit, eva, swin_transformer, tnt, vision_transformer, vision_transformer_relpos
 from typer.testing import CliRunner
 
 import vitresize
@@ -99,6 +99,47 @@ CASES = [
         beit.checkpoint_filter_fn,
         3,
         id="beit-patch8",
+    ),
+    pytest.param(
+        "beit_base_patch16_224",
+        {**BEIT, "use_abs_pos_emb": True},
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        beit.checkpoint_filter_fn,
+        3,
+        id="beit-abs-pos",
+    ),
+    # Hybrids: the stride of the CNN under patch_embed.backbone is read from its keys (stages / layers).
+    pytest.param(
+        "vit_tiny_r_s16_p8_224",
+        {"depth": 1},
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        vision_transformer.checkpoint_filter_fn,
+        1,
+        id="hybrid-stem-only",
+    ),
+    pytest.param(
+        "vit_small_r26_s32_224",
+        {"depth": 1},
+        {},
+        {"img_size": 160},
+        {"img_size": 160},
+        vision_transformer.checkpoint_filter_fn,
+        1,
+        id="hybrid-resnetv2",
+    ),
+    pytest.param(
+        "vit_small_resnet26d_224",
+        {"depth": 1},
+        {},
+        {"img_size": (224, 320)},
+        {"img_size": "224x320"},
+        vision_transformer.checkpoint_filter_fn,
+        1,
+        id="hybrid-resnet-d",
     ),
     pytest.param(
         "swin_tiny_patch4_window7_224",

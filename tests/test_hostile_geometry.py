@@ -45,12 +45,17 @@ def _model(name: str, img: int) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def stem_src(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each STEMS model at 64x64, saved once as safetensors."""
+    """Each STEMS model at 64x64, saved once as safetensors; and ``unknown``: the smallest hybrid with its
+    backbone's keys renamed, so that they do not tell its stride (``patch_embed.backbone.body.*``)."""
     out = {}
     for name in STEMS:
         path = tmp_path_factory.mktemp(name) / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in _model(name, 64).state_dict().items()}, str(path))
         out[name] = path
+    sd = _model("vit_tiny_r_s16_p8_224", 64).state_dict()
+    renamed = {k.replace("patch_embed.backbone.", "patch_embed.backbone.body."): v.contiguous() for k, v in sd.items()}
+    out["unknown"] = tmp_path_factory.mktemp("unknown") / "unknown.safetensors"
+    save_file(renamed, str(out["unknown"]))
     return out
 
 
@@ -60,16 +65,26 @@ def _one_error_line(res: Any) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("name", list(STEMS))
-def test_stem_img_size_without_stride_is_refused(
-    run: Any, stem_src: dict[str, Path], tmp_path: Path, name: str
-) -> None:
+def test_stem_img_size_without_stride_is_refused(run: Any, stem_src: dict[str, Path], tmp_path: Path) -> None:
+    """A CNN stem whose keys do not tell its stride: --img-size needs the source's image size."""
     dst = tmp_path / "o.safetensors"
-    res = run("convert", stem_src[name], dst, "--img-size", "128")
+    res = run("convert", stem_src["unknown"], dst, "--img-size", "128")
     assert res.exit_code == 2
     line = _one_error_line(res)
     assert "patch_embed.proj.weight" in line and "--from-img-size" in line and "--grid" in line
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("name", list(STEMS))
+def test_stem_stride_is_read_from_the_keys(run: Any, stem_src: dict[str, Path], tmp_path: Path, name: str) -> None:
+    """The hybrids' stride comes from their backbone's stages; Hiera's is its family's."""
+    dst = tmp_path / "o.safetensors"
+    res = run("convert", stem_src[name], dst, "--img-size", "128", "--json")
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads(res.stdout)
+    stride = STEMS[name][1]
+    assert rep["old_patch"] == rep["new_patch"] == [stride, stride] and rep["old_img_size"] == [64, 64]
+    _model(name, 128).load_state_dict(load_any(dst), strict=True)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -89,16 +104,13 @@ def test_stem_with_source_size_loads_strictly(
     _model(name, 128).load_state_dict(out, strict=True)
 
 
-@pytest.mark.parametrize("name", list(STEMS))
-def test_stem_grid_target_needs_no_stride(run: Any, stem_src: dict[str, Path], tmp_path: Path, name: str) -> None:
+def test_stem_grid_target_needs_no_stride(run: Any, stem_src: dict[str, Path], tmp_path: Path) -> None:
     dst = tmp_path / "o.safetensors"
-    grid = 128 // STEMS[name][1]
-    res = run("convert", stem_src[name], dst, "--grid", str(grid), "--json")
+    res = run("convert", stem_src["unknown"], dst, "--grid", "4", "--json")
     assert res.exit_code == 0, res.stderr
     rep = json.loads(res.stdout)
-    assert rep["new_grid"] == [grid, grid] and rep["new_img_size"] is None and rep["new_patch"] is None
+    assert rep["new_grid"] == [4, 4] and rep["new_img_size"] is None and rep["new_patch"] is None
     assert any("not the patch" in w for w in rep["warnings"])
-    _model(name, 128).load_state_dict(load_any(dst), strict=True)
 
 
 @pytest.mark.parametrize("name", list(STEMS))
@@ -112,19 +124,19 @@ def test_stem_patch_is_refused(run: Any, stem_src: dict[str, Path], tmp_path: Pa
 
 def test_stem_from_img_size_that_fits_no_stride(run: Any, stem_src: dict[str, Path], tmp_path: Path) -> None:
     # 4 patches (or 5): no square stride cuts a 64x48 image into that many
-    src = stem_src["vit_tiny_r_s16_p8_224"]
+    src = stem_src["unknown"]
     res = run("convert", src, tmp_path / "o.pth", "--img-size", "128", "--from-img-size", "64x48")
     assert res.exit_code == 1
     assert "no stride" in _one_error_line(res)
 
 
 def test_stem_inspect_says_the_stride_is_unknown(stem_src: dict[str, Path]) -> None:
-    (e,) = vitresize.inspect(stem_src["vit_small_r26_s32_224"]).embeddings
+    (e,) = vitresize.inspect(stem_src["unknown"]).embeddings
     assert e.stem is not None and "patch_embed.backbone." in e.stem and not e.stride_known
     d = e.to_dict()
     assert d["grid"] == [2, 2] and d["patch"] is None and d["img_size"] is None
     assert e.note is not None and "pass from_img_size" in e.note and "pass --from-img-size" in e.note.cli  # type: ignore[attr-defined]
-    (e,) = vitresize.inspect(stem_src["vit_small_r26_s32_224"], from_img_size=64).embeddings
+    (e,) = vitresize.inspect(stem_src["unknown"], from_img_size=64).embeddings
     assert e.stride_known and e.source is not None and e.source.patch == (32, 32) and e.source.img_size == (64, 64)
 
 
@@ -237,10 +249,9 @@ def test_full_size_stems_plan_the_shape_timm_builds(tmp_path: Path, name: str) -
         want = timm.create_model(name, pretrained=False, img_size=448).state_dict()["pos_embed"].shape
     src = tmp_path / "m.safetensors"
     _sparse_safetensors(model, src)
-    with pytest.raises(UsageError, match="pass from_img_size"):
-        vitresize.plan(src, img_size=448)
-    with vitresize.plan(src, img_size=448, from_img_size=224) as p:
-        assert [(c.key, c.new_shape) for c in p.changes] == [("pos_embed", tuple(want))]
+    for given in ({}, {"from_img_size": 224}):
+        with vitresize.plan(src, img_size=448, **given) as p:
+            assert [(c.key, c.new_shape) for c in p.changes] == [("pos_embed", tuple(want))]
 
 
 # -- dtypes ---------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ PosLayout = Literal["1LD", "LD", "1HWD", "1DHW"]
 one: ``[1, H, W, dim]`` (``1HWD``: SAM, VOLO) or ``[1, dim, H, W]`` (``1DHW``: PiT, Visformer). Grid layouts hold
 no prefix rows."""
 GRID_LAYOUTS: tuple[PosLayout, ...] = ("1HWD", "1DHW")
-RuleOp = Literal["abs_table", "rel_bias", "rel_pos_1d", "rel_index", "position_ids"]
+RuleOp = Literal["abs_table", "rel_bias", "rel_pos_1d", "rel_index", "position_ids", "attn_bias"]
 """What a :class:`Rule` does to its tensors: resample another absolute table (``abs_table``: a later stage's,
 a second branch's), a 2-D relative position bias table (``rel_bias``) or a 1-D one (``rel_pos_1d``),
 regenerate a ``relative_position_index`` buffer (``rel_index``), or recount an integer ``position_ids`` buffer
@@ -244,6 +244,8 @@ class KeyMap:
     stems: tuple[tuple[str, str], ...] = ()
     fixed_patch: str | None = None
     unsupported: tuple[tuple[str, str], ...] = ()
+    pos_optional: bool = False
+    """The family is found by its kernel, and ``pos_embed`` is used where a model has one (BEiT's variants)."""
     stride: Callable[[Mapping[str, TensorInfo], str], int | None] | None = None
     """The family's patch read from its keys (called with the state dict and the model prefix) where it is not
     the kernel's size: a stem of stride-2 convolutions (XCiT), a hybrid's CNN; ``None`` from it: unknown."""
@@ -253,8 +255,9 @@ class KeyMap:
 
     @property
     def anchor(self) -> str:
-        """The key a model of this family is found by: its position table, else its patch kernel."""
-        return self.pos_embed if self.pos_embed is not None else self.patch_embed
+        """The key a model of this family is found by: its position table, else (or when the table is optional)
+        its patch kernel."""
+        return self.pos_embed if self.pos_embed is not None and not self.pos_optional else self.patch_embed
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,7 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
     misses: list[str] = []
     anchor = keymap.anchor
     suffix = keymap.sep + anchor
-    for key, info in tensors.items():
+    for key in tensors:
         if key != anchor and not key.endswith(suffix):
             continue
         prefix = key[: len(key) - len(anchor)]
@@ -326,9 +329,12 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
         if any(re.match(m, k) for m in keymap.forbids for k in below):
             continue
         patch_key = prefix + keymap.patch_embed
-        pos_key = key if keymap.pos_embed is not None else None
-        if pos_key is not None and pos_rows(info.shape, keymap.pos_layout) is None:
-            misses.append(f"{key} has shape {list(info.shape)}, not {_LAYOUT_TEXT[keymap.pos_layout]}")
+        pos_key = key if keymap.pos_embed is not None and not keymap.pos_optional else None
+        if keymap.pos_optional and keymap.pos_embed is not None and prefix + keymap.pos_embed in tensors:
+            pos_key = prefix + keymap.pos_embed
+        pos_info = tensors[pos_key] if pos_key is not None else None
+        if pos_key is not None and pos_info is not None and pos_rows(pos_info.shape, keymap.pos_layout) is None:
+            misses.append(f"{pos_key} has shape {list(pos_info.shape)}, not {_LAYOUT_TEXT[keymap.pos_layout]}")
             continue
         patch = tensors.get(patch_key)
         if patch is None:
@@ -338,8 +344,8 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
             want = "[ph, pw, channels, dim]" if keymap.patch_layout == "HWIO" else "[dim, channels, ph, pw]"
             misses.append(f"{patch_key} has shape {list(patch.shape)}, not {want}")
             continue
-        if 0 in patch.shape or 0 in info.shape:
-            empty = patch_key if 0 in patch.shape else key
+        if 0 in patch.shape or (pos_info is not None and 0 in pos_info.shape):
+            empty = patch_key if 0 in patch.shape or pos_key is None else pos_key
             misses.append(f"{empty} has a zero-size dimension ({list(tensors[empty].shape)}), so it holds no weights")
             continue
         token_keys = tuple(prefix + t for t in keymap.tokens if prefix + t in tensors)
@@ -348,7 +354,7 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
         unsupported = _marked(tensors, prefix, keymap.unsupported)
         tied = tuple((prefix + k, r) for k in below for r in keymap.rules if r.matches(k))
         if unsupported is None:
-            unsupported = _unknown_positional(below, prefix, keymap, {k for k, _ in tied} | {key})
+            unsupported = _unknown_positional(below, prefix, keymap, {k for k, _ in tied} | {key, pos_key or key})
         found.append(Found(keymap, prefix, pos_key, patch_key, token_keys, rows, stem, unsupported, tied))
     return found, misses
 

@@ -1,6 +1,7 @@
 """BEiT, BEiT v2 and Data2Vec-vision as timm keeps them (``timm.models.beit``).
 
-No absolute table: each block has ``blocks.N.attn.relative_position_bias_table [(2h-1)(2w-1) + 3, heads]`` over
+No absolute table (but ``pos_embed [1, 1 + H*W, D]`` in variants built with ``use_abs_pos_emb``, resampled
+with its class row kept): each block has ``blocks.N.attn.relative_position_bias_table [(2h-1)(2w-1) + 3, heads]`` over
 the whole patch grid (the window is the grid), its last three rows for the class token (class-to-token,
 token-to-class, class-to-class), kept as they are; a shared table ``rel_pos_bias.relative_position_bias_table``
 in some checkpoints. timm does not save ``relative_position_index``; original checkpoints do, and it is
@@ -15,7 +16,8 @@ _INDEX = r"(blocks\.\d+\.attn\.|rel_pos_bias\.)relative_position_index"
 
 TIMM_BEIT = KeyMap(
     family="timm-beit",
-    pos_embed=None,
+    pos_embed="pos_embed",
+    pos_optional=True,
     patch_embed="patch_embed.proj.weight",
     tokens=("cls_token",),
     native_method="timm",

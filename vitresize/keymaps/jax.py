@@ -9,6 +9,7 @@ vit_jax's R50+ViT hybrids keep a ResNet (``conv_root``, ``block1/unit1/...``) be
 """
 
 from .base import KeyMap
+from .stems import jax_hybrid_stride
 
 VIT_JAX = KeyMap(
     family="vit_jax",
@@ -18,6 +19,7 @@ VIT_JAX = KeyMap(
     native_method="big_vision",
     sep="/",
     patch_layout="HWIO",
+    stride=jax_hybrid_stride,
     stems=((r"(conv_root|gn_root|block\d+/unit\d+)/", "a ResNet stem ({key})"),),
 )
 

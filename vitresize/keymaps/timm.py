@@ -11,6 +11,7 @@ Qwen3-VL's encoder (``merger.*``) keeps a fixed 48x48 table that it resamples at
 """
 
 from .base import KeyMap
+from .stems import hybrid_stride
 
 TIMM = KeyMap(
     family="timm",
@@ -19,6 +20,7 @@ TIMM = KeyMap(
     tokens=("cls_token", "dist_token", "reg_token"),
     native_method="timm",
     no_embed_class=True,
+    stride=hybrid_stride,
     stems=(
         (r"patch_embed\.(?!proj\.|norm\.)", "a CNN stem ({key})"),
         (r"blocks\.\d+\.proj\.weight$", "an overlapping stem conv and token-pooling stages ({key}), as Hiera has"),
