@@ -257,6 +257,7 @@ def test_converts_as_the_library(
         ("swinv2_tiny_window8_256", SWIN, "relative"),
         ("twins_svt_small", {"depths": (1, 1, 1, 1)}, "conditional"),
         ("xcit_nano_12_p16_224", {"depth": 1}, "sincos"),
+        ("naflexvit_base_patch16_gap", {"depth": 1, "embed_dim": 32, "num_heads": 2}, "runtime"),
     ],
 )
 def test_nothing_to_change_is_a_success(tmp_path: Path, name: str, small: dict[str, Any], scheme: str) -> None:
@@ -309,3 +310,10 @@ def test_beit_index_buffers_are_regenerated(tmp_path: Path) -> None:
     for name, buf in big.named_buffers():
         if name.endswith("relative_position_index"):
             assert torch.equal(out[name], buf), name
+
+
+def test_a_fixed_grid_is_refused(tmp_path: Path) -> None:
+    """EfficientFormer's last stage attends over a fixed 7x7 grid: no image size but its own runs."""
+    src = _save(_model("efficientformer_l1"), tmp_path / "in.safetensors")
+    with pytest.raises(VitresizeError, match="fixed 7x7 grid"):
+        vitresize.plan(src, img_size=384)

@@ -354,6 +354,12 @@ def _model_plan(e: Embedding, target: Target) -> ModelPlan:
             f"{param('patch')} cannot change the patch of {e.anchor_key}'s model: {fixed}; give the target as "
             f"{param('img_size')} or {param('grid')}"
         )
+    fixed_grid = KEYMAPS[e.family].fixed_grid
+    if fixed_grid is not None and (target.img_size is not None or target.grid is not None):
+        raise UsageError(
+            f"{e.anchor_key}'s model ({e.family}) cannot move to another image size: {fixed_grid}; use it at the size "
+            f"it was trained at"
+        )
     if target.img_size is None and target.patch is None and target.grid is None:
         geometry = e.source  # --window alone
     else:

@@ -44,11 +44,19 @@ Family = Literal[
     "timm-swinv2",
     "timm-tnt",
     "timm-volo",
+    "timm-sam",
+    "timm-mvitv2",
+    "timm-hiera-abswin",
+    "timm-hiera",
+    "timm-levit",
+    "timm-tinyvit",
     "timm",
     "timm-relpos",
     "timm-rope",
     "timm-twins",
     "timm-xcit",
+    "timm-naflexvit",
+    "timm-efficientformer",
     "torchvision",
     "hf",
     "hf-clip",
@@ -66,7 +74,9 @@ PatchMethod = Literal["pi", "interp"]
 """``pi``: FlexiViT's pseudo-inverse resize of the patch kernel; ``interp``: plain interpolation of the kernel."""
 OutputFormat = Literal["safetensors", "torch", "npz", "folder"]
 """What a conversion writes (a key of :data:`vitresize.formats.WRITERS`, or a model folder)."""
-Op = Literal["pos_embed", "abs_table", "patch_embed", "position_ids", "rel_bias", "rel_pos_1d", "rel_index"]
+Op = Literal[
+    "pos_embed", "abs_table", "patch_embed", "position_ids", "rel_bias", "rel_pos_1d", "rel_index", "attn_bias"
+]
 """What a :class:`~vitresize.plans.TensorChange` does to its tensor (each has a function in
 :data:`vitresize.resample.ops.OPS`)."""
 GENERATED_OPS: frozenset[Op] = frozenset({"position_ids", "rel_index"})

@@ -14,10 +14,14 @@ from .beit import TIMM_BEIT
 from .dinov2 import DINOV2
 from .hf import HF_CLIP, HF_VIT
 from .jax import BIG_VISION, VIT_JAX
-from .misc import TWINS, XCIT
+from .levit import TIMM_LEVIT, TIMM_TINYVIT
+from .misc import EFFICIENTFORMER, NAFLEXVIT, TWINS, XCIT
 from .open_clip import OPEN_CLIP
 from .rope import TIMM_RELPOS, TIMM_ROPE
 from .swin import TIMM_SWIN, TIMM_SWINV2
+from .hiera import TIMM_HIERA, TIMM_HIERA_ABSWIN
+from .mvitv2 import TIMM_MVITV2
+from .sam import TIMM_SAM
 from .timm import TIMM
 from .tnt_volo import TIMM_TNT, TIMM_VOLO
 from .torchvision import TORCHVISION
@@ -35,11 +39,19 @@ KEYMAPS: dict[str, KeyMap] = {
         TIMM_SWINV2,
         TIMM_TNT,
         TIMM_VOLO,
+        TIMM_SAM,
+        TIMM_MVITV2,
+        TIMM_HIERA_ABSWIN,
+        TIMM_HIERA,
+        TIMM_LEVIT,
+        TIMM_TINYVIT,
         TIMM,
         TIMM_RELPOS,
         TIMM_ROPE,
         TWINS,
         XCIT,
+        NAFLEXVIT,
+        EFFICIENTFORMER,
         TORCHVISION,
         HF_VIT,
         HF_CLIP,

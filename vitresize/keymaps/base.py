@@ -149,6 +149,8 @@ class Rule:
                 return None
             n = h * w + self.extra_rows
             return (n, n)
+        if self.op == "attn_bias":  # LeViT's [heads, h*w]: a bias per head and per offset (|dy|, |dx|)
+            return (shape[0], h * w) if len(shape) == 2 else None
         return (1, rows) if len(shape) == 2 and shape[0] == 1 else None
 
     def spans(self, shape: tuple[int, ...], size: tuple[int, int]) -> bool:
@@ -163,6 +165,9 @@ class Rule:
             side = math.isqrt(max(rows - self.extra_rows, 0))
             found = grid or (side, side)
             return found if self.spans(shape, found) else None
+        if self.op == "attn_bias":  # a table of a derived resolution (``size``) does not tell the model's
+            side = math.isqrt(shape[1]) if len(shape) == 2 and self.size is None else 0
+            return (side, side) if side and side * side == shape[1] else None
         if self.op == "rel_bias" and self.layout == "HLL" and len(shape) == 3:
             n = shape[1]
         elif self.op == "rel_bias" and len(shape) == 2:
@@ -245,6 +250,10 @@ class KeyMap:
     fixed_patch: str | None = None
     unsupported: tuple[tuple[str, str], ...] = ()
     pos_optional: bool = False
+    linear_patch: bool = False
+    """The patch embedding is a linear layer ``[dim, ph * pw * channels]`` (NaFlexViT), not a conv kernel."""
+    fixed_grid: str | None = None
+    """Why this family's grid cannot change (a stage that attends over a fixed grid), or ``None``."""
     """The family is found by its kernel, and ``pos_embed`` is used where a model has one (BEiT's variants)."""
     stride: Callable[[Mapping[str, TensorInfo], str], int | None] | None = None
     """The family's patch read from its keys (called with the state dict and the model prefix) where it is not
@@ -340,7 +349,7 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
         if patch is None:
             misses.append(f"{key} has no patch kernel {patch_key}")
             continue
-        if len(patch.shape) != 4:
+        if len(patch.shape) != 4 and not (keymap.linear_patch and len(patch.shape) == 2):
             want = "[ph, pw, channels, dim]" if keymap.patch_layout == "HWIO" else "[dim, channels, ph, pw]"
             misses.append(f"{patch_key} has shape {list(patch.shape)}, not {want}")
             continue
