@@ -317,3 +317,29 @@ def test_a_fixed_grid_is_refused(tmp_path: Path) -> None:
     src = _save(_model("efficientformer_l1"), tmp_path / "in.safetensors")
     with pytest.raises(VitresizeError, match="fixed 7x7 grid"):
         vitresize.plan(src, img_size=384)
+
+
+def test_method_beit_is_the_original_cubic_recipe(tmp_path: Path) -> None:
+    """The original BEiT code: SciPy interp2d(kind="cubic") on the geometric grid = RectBivariateSpline(s=0),
+    evaluated in float64 and cast to float32; vitresize reproduces it without SciPy, bit for bit."""
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+
+    from vitresize.resample.tables import _offsets
+
+    model = _model("beit_base_patch16_224", **BEIT)
+    src = _save(model, tmp_path / "in.safetensors")
+    rep = vitresize.convert(src, tmp_path / "out.safetensors", img_size=384, method="beit")
+    assert rep.plan.method == "beit"
+    out = load_file(str(tmp_path / "out.safetensors"))
+    _model("beit_base_patch16_224", **BEIT, img_size=384).load_state_dict(out, strict=True)
+    old, new = 27, 47  # 2 * 14 - 1, 2 * 24 - 1
+    y = _offsets(old, new)
+    d = np.arange(-(new // 2.0), new // 2.0 + 0.1, 1.0)
+    for k, v in model.state_dict().items():
+        if k.endswith("relative_position_bias_table"):
+            for h in range(v.shape[1]):
+                z = v[:-3, h].reshape(old, old).double().numpy()
+                want = RectBivariateSpline(y, y, z, kx=3, ky=3, s=0)(d, d).astype(np.float32)
+                assert np.array_equal(out[k][:-3, h].reshape(new, new).numpy(), want), k
+            assert torch.equal(out[k][-3:], v[-3:])

@@ -333,6 +333,18 @@ def _sidecar_grid(ckpt: Checkpoint, kernel: Size) -> Size | None:
     return (img[0] // kernel[0], img[1] // kernel[1])
 
 
+def _check_method(changes: tuple[TensorChange, ...], method: str) -> None:
+    """``beit``'s cubic spline needs 4 offsets (a window or grid of 3) per side in the tables it resamples."""
+    if method != "beit":
+        return
+    for c in changes:
+        if c.op == "rel_bias" and c.spans is not None and min(*c.spans[0], *c.spans[1]) < 3:
+            raise UsageError(
+                f"{param('method')} beit fits a cubic spline, which needs a window of at least 3x3; {c.key} spans "
+                f"{format_size(c.spans[0])} -> {format_size(c.spans[1])}; use {param('method')} timm"
+            )
+
+
 def _check_window(embeddings: list[Embedding], window: Size | None) -> None:
     """``--window`` needs a model whose tables span a window, and a patch change a model whose patch can change."""
     if window is None:
@@ -626,6 +638,7 @@ def plan(
         models = tuple(_model_plan(e, target) for e in embeddings if e.source is not None)
         changes = tuple(c for m in models for c in _changes(m, ckpt.state_dicts[m.embedding.state_dict], patch_method))
         _check_dtypes(changes)
+        _check_method(changes, name)
         _check_config_can_say(ckpt, models, folder=Path(src).is_dir())
         if not options.allow_large:
             check_plan(models, changes, ckpt.size_bytes, target.describe(), pos_conv, patch_method)

@@ -67,6 +67,9 @@ METHODS: dict[str, Convention] = {
     "torchvision": Convention("bicubic", antialias=False, align_corners=True),
     # DeiT / MAE / BEiT --finetune code
     "deit": _HF,
+    # The original BEiT fine-tuning code: absolute tables as DeiT's; relative tables on BEiT's geometric grid
+    # with SciPy's interp2d(kind="cubic") (vitresize.resample.tables, without SciPy)
+    "beit": _HF,
     # Hugging Face interpolate_pos_encoding of ViT, DeiT, DINOv2, CLIP, SigLIP
     "hf": _HF,
     # Hugging Face Dinov2WithRegistersModel (antialiased)

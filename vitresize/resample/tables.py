@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,8 +66,47 @@ def _interp_linear(
     return numerator / torch.prod(torch.stack(overalls), dim=0)
 
 
+def _bspline_basis(knots: np.ndarray, x: np.ndarray, k: int = 3) -> np.ndarray:
+    """``B[i, j]``: the j-th B-spline of degree ``k`` on ``knots`` at ``x[i]`` (Cox-de Boor, float64)."""
+    n = len(knots) - k - 1
+    b = np.zeros((len(x), len(knots) - 1))
+    for j in range(len(knots) - 1):
+        inside = (knots[j] <= x) & (x < knots[j + 1])
+        b[:, j] = inside
+    last = np.nonzero(knots < knots[-1])[0][-1]  # the right end belongs to the last non-empty interval
+    b[x == knots[-1], last] = 1.0
+    for d in range(1, k + 1):
+        nxt = np.zeros((len(x), len(knots) - 1 - d))
+        for j in range(len(knots) - 1 - d):
+            left = knots[j + d] - knots[j]
+            right = knots[j + d + 1] - knots[j + 1]
+            if left > 0:
+                nxt[:, j] += (x - knots[j]) / left * b[:, j]
+            if right > 0:
+                nxt[:, j] += (knots[j + d + 1] - x) / right * b[:, j + 1]
+        b = nxt
+    return b[:, :n]
+
+
+def _spline_matrix(src: list[float], dst: np.ndarray) -> np.ndarray:
+    """``M`` with ``M @ values`` = the cubic interpolating spline of ``values`` at ``src``, evaluated at ``dst``
+    (clamped to ``src``'s range): FITPACK's (``interp2d``, ``RectBivariateSpline`` with ``s=0``) knots, the data
+    points but the second and the second-to-last (not-a-knot)."""
+    x = np.asarray(src, dtype=np.float64)
+    knots = np.concatenate([[x[0]] * 4, x[2:-2], [x[-1]] * 4])
+    collocation = _bspline_basis(knots, x)
+    at = _bspline_basis(knots, np.clip(dst, x[0], x[-1]))
+    return at @ np.linalg.inv(collocation)
+
+
 def resize_rel_bias(
-    table: torch.Tensor, *, old_window: Size, new_window: Size, extra_rows: int = 0, layout: str = "LH"
+    table: torch.Tensor,
+    *,
+    old_window: Size,
+    new_window: Size,
+    extra_rows: int = 0,
+    layout: str = "LH",
+    cubic: bool = False,
 ) -> torch.Tensor:
     """Resample a relative position bias table from one window (or grid) to another.
 
@@ -76,6 +116,9 @@ def resize_rel_bias(
         new_window: the window to span.
         extra_rows: rows after the positions (BEiT's class rows), kept bit for bit.
         layout: ``"LH"`` or ``"HLL"``.
+        cubic: sample the geometric grid with a cubic spline in float64, as the original BEiT fine-tuning code
+            did with SciPy's ``interp2d(kind="cubic")`` (removed in SciPy 1.14), instead of timm's linear
+            interpolation. The source needs 4 offsets (a window of 3) per side.
 
     Returns:
         The table for ``new_window``, in the input dtype (the input itself when the window is the same).
@@ -91,16 +134,22 @@ def resize_rel_bias(
     heads = body.shape[1] if flat else body.shape[0]
     device, orig_dtype = table.device, table.dtype
     with memory_guard(f"a {list(table.shape)} relative position table"):
-        y = torch.tensor(_offsets(src[0], dst[0]))
-        x = torch.tensor(_offsets(src[1], dst[1]))
+        ys, xs = _offsets(src[0], dst[0]), _offsets(src[1], dst[1])
+        y, x = torch.tensor(ys), torch.tensor(xs)  # float32, as timm; the spline takes them in float64
         ty, tx = dst[0] // 2.0, dst[1] // 2.0
         dy = torch.arange(-ty, ty + 0.1, 1.0)
         dx = torch.arange(-tx, tx + 0.1, 1.0)
         at = [t.reshape(-1) for t in torch.meshgrid(dy, dx, indexing="ij")]
         out = []
+        if cubic:
+            my = torch.from_numpy(_spline_matrix(ys, dy.double().numpy()))
+            mx = torch.from_numpy(_spline_matrix(xs, dx.double().numpy()))
         for i in range(heads):
             z = (body[:, i].view(src[0], src[1]) if flat else body[i]).float().cpu()
-            r = _interp_linear((y, x), z, at).contiguous().to(device)
+            if cubic:  # float32 values, float64 spline, float32 result: as torch.Tensor(interp2d(...)(dx, dy))
+                r = (my @ z.double() @ mx.T).float().reshape(-1).to(device)
+            else:
+                r = _interp_linear((y, x), z, at).contiguous().to(device)
             out.append(r.view(-1, 1) if flat else r.view(dst[0], dst[1]))
         new = torch.cat(out, dim=-1) if flat else torch.stack(out, dim=0)
         if extra is not None:
