@@ -343,3 +343,27 @@ def test_method_beit_is_the_original_cubic_recipe(tmp_path: Path) -> None:
                 want = RectBivariateSpline(y, y, z, kx=3, ky=3, s=0)(d, d).astype(np.float32)
                 assert np.array_equal(out[k][:-3, h].reshape(new, new).numpy(), want), k
             assert torch.equal(out[k][-3:], v[-3:])
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "target", "want"),
+    [
+        ("swin_tiny_patch4_window7_224", {**SWIN, "img_size": 224}, {"img_size": 384, "window": 12}, (384, 12)),
+        ("vit_small_patch16_rope_224", {**ROPE, "img_size": 224}, {"img_size": 384}, (384, None)),
+    ],
+)
+def test_timm_hub_folder_gets_the_new_geometry(
+    tmp_path: Path, name: str, args: dict[str, Any], target: dict[str, Any], want: tuple[int, int | None]
+) -> None:
+    """A timm hub folder: config.json says the new image size (and window), also when no tensor changes, and
+    ``timm.create_model("local-dir:...")`` builds the model at the target and loads the converted weights."""
+    from timm.models._hub import save_for_hf
+
+    model = _model(name, **args)
+    save_for_hf(model, tmp_path / "src", model_args=args, safe_serialization=True)
+    vitresize.convert(tmp_path / "src", tmp_path / "out", **target)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["input_size"] == [3, want[0], want[0]]
+    assert cfg["model_args"].get("window_size") == want[1]
+    new = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert tuple(new.patch_embed.img_size) == (want[0], want[0])

@@ -342,13 +342,16 @@ def execute(
     if dry_run:
         return _report(plan, dst, writer, sds, left)
     resampled = _Resampled(plan, ckpt, torch_free=writer.writes_raw(ckpt))
-    t = plan.models[0].target
+    m = plan.models[0]
+    t = m.target
+    moved = plan.changes or (m.embedding.grid_known and m.target != m.source) or m.window != m.embedding.window
     job = WriteJob(
         ckpt,
         sds,
         resampled.replacements(sds),
         _provenance(plan),
-        geometry=(t.img_size, t.patch) if plan.changes else None,
+        geometry=(t.img_size, t.patch) if moved and t.grid != (0, 0) else None,
+        window=m.window if m.window != m.embedding.window else None,
     )
     verified = None
     tick = _ticker(progress, ckpt.size_bytes) if progress else None

@@ -215,6 +215,7 @@ class WriteJob:
         replacements: the tensors that change, by ``(state dict, key)``, computed when loaded.
         metadata: string metadata to store where the format has a place for it (provenance).
         geometry: ``(image size, patch)`` to write into a model folder's ``config.json``, or ``None`` to copy it.
+        window: a new attention window to write there too (Swin), or ``None``.
     """
 
     checkpoint: Checkpoint
@@ -222,6 +223,7 @@ class WriteJob:
     replacements: Mapping[Key, Replacement]
     metadata: Mapping[str, str]
     geometry: tuple[tuple[int, int], tuple[int, int]] | None = None
+    window: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

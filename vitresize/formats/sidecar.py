@@ -6,7 +6,8 @@ and a folder conversion writes it back with the new geometry so that weights and
 * Hugging Face (``model_type``): ``image_size`` and ``patch_size``, top level or under ``vision_config``
   (CLIP, SigLIP); an int when square, ``[h, w]`` when not.
 * timm hub (``architecture`` + ``pretrained_cfg``): ``pretrained_cfg.input_size = [C, H, W]``, and
-  ``model_args.img_size`` / ``patch_size`` (what ``timm.create_model`` builds the model with).
+  ``model_args.img_size`` / ``patch_size`` (what ``timm.create_model`` builds the model with); a new attention
+  window goes to ``window_size`` (``model_args.window_size`` for timm).
 
 A model config whose ``vision_config``, ``pretrained_cfg`` or ``model_args`` is not an object (``null`` reads
 as absent), or whose ``input_size`` is not ``[C, H, W]``, is refused with one line naming the field: it
@@ -57,13 +58,15 @@ class Sidecar:
     img_size: Size | None
     patch: Size | None
 
-    def updated(self, img_size: Size, patch: Size) -> dict[str, Any]:
-        """The config with the new geometry; every other entry as it was."""
+    def updated(self, img_size: Size, patch: Size, window: Size | None = None) -> dict[str, Any]:
+        """The config with the new geometry (and attention window); every other entry as it was."""
         data = copy.deepcopy(self.data)
         if self.kind == "hf":
             target = data["vision_config"] if isinstance(data.get("vision_config"), dict) else data
             target["image_size"] = _json_size(img_size)
             target["patch_size"] = _json_size(patch)
+            if window is not None:
+                target["window_size"] = _json_size(window)
             return data
         cfg = data["pretrained_cfg"]  # an object: _parse checked it
         channels = cfg["input_size"][0] if _input_size(cfg.get("input_size")) else 3
@@ -74,10 +77,12 @@ class Sidecar:
         args["img_size"] = _json_size(img_size)
         if "patch_size" in args or patch != self.patch:
             args["patch_size"] = _json_size(patch)
+        if window is not None:
+            args["window_size"] = _json_size(window)
         return data
 
-    def write(self, dst: Path, img_size: Size, patch: Size) -> None:
-        dst.write_text(json.dumps(self.updated(img_size, patch), indent=2) + "\n")
+    def write(self, dst: Path, img_size: Size, patch: Size, *, window: Size | None = None) -> None:
+        dst.write_text(json.dumps(self.updated(img_size, patch, window), indent=2) + "\n")
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
