@@ -644,7 +644,8 @@ def plan(
             check_plan(models, changes, ckpt.size_bytes, target.describe(), pos_conv, patch_method)
         warnings = list(dict.fromkeys(e.note for e in embeddings if e.note))
         sc = ckpt.sidecar
-        if sc is not None and changes and not Path(src).is_dir():
+        moved = any(m.target != m.source or m.window != m.embedding.window for m in models)
+        if sc is not None and (changes or moved) and not Path(src).is_dir():
             t = models[0].target
             if models[0].embedding.stem is not None:
                 what = f"set the image size {format_size(t.img_size)} in it by hand (keep its patch entry)"
