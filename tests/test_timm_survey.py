@@ -1,39 +1,53 @@
 """Survey of timm architectures: a plan either refuses or gives exactly the shapes timm builds at the target.
 
 Each case builds the timm model on the meta device, writes a header-only sparse .safetensors of its state
-dict's shapes (the data reads as zeros and is never read by ``plan``), plans a move to twice the default image
-size (or to a new patch) and compares every planned shape with the meta model timm builds at that target.
-A plan that timm could not load is the one outcome that fails: refusing (a one-line ``VitresizeError``) is fine.
+dict's shapes (the data reads as zeros and is never read by ``plan``), plans a move to a new image size, patch
+or window, and compares every planned shape with the meta model timm builds at that target, as a strict
+``load_state_dict`` would: the same keys, each with the target's shape. A plan that timm could not load is the
+one outcome that fails: refusing (a one-line ``VitresizeError``; on the command line one ``Error:`` line and
+exit code 1 or 2) is fine.
 
-Models whose patch kernel follows a stem (the ResNet hybrids, Hiera) do not state their patch in the weights:
-they are refused without ``from_img_size`` and correct with it, and both are asserted here.
+``test_sweep`` is issue 13's sweep: every family vitresize knows of (its smallest timm variant), each moved to a
+larger, a smaller and a non-square image, a new patch and (windowed families) a new window, planned with and
+without ``from_img_size``. Where timm takes no such argument the target must be refused or change nothing;
+where timm cannot build the model at the target it must be refused. A table of what converts and what is
+refused is printed at the end of the module (it tells which families still refuse).
 
-Slow (about 50 timm models, built on the meta device; ~25 s):
+Slow (about 75 timm models, some at 6 targets, built on the meta device with their weight init skipped;
+~25 s of CPU):
 ``make test-slow`` or ``pytest -m slow tests/test_timm_survey.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import timm
+import timm.layers.weight_init
 import torch
+from typer.testing import CliRunner
 
 import vitresize
+from vitresize.cli import app
 
 pytestmark = pytest.mark.slow
 
 Shapes = dict[str, tuple[int, ...]]
+Size = tuple[int, int]
 
-# Hybrids (a CNN under patch_embed.backbone, then a 1x1 or 8x8 projection) and Hiera (a strided 7x7 conv):
-# the weights do not say the stride, so a plan without from_img_size must refuse (it used to plan wrong tables).
+# Hybrids (a CNN under patch_embed.backbone, then a 1x1 or 8x8 projection) and Hiera (a strided 7x7 conv): the
+# patch is the stem's stride. Where the keys tell it (a timm ResNetV2 / ResNet-D backbone) a plan converts without
+# from_img_size; where they do not it must refuse ("stride"). With from_img_size each must convert exactly.
 STEM_MODELS = [
     "vit_tiny_r_s16_p8_224",
     "vit_tiny_r_s16_p8_384",
@@ -89,7 +103,7 @@ REPRESENTATIVES = [
     "vit_so400m_patch14_siglip_224",  # 448 = 32 x 14
     "vit_base_patch16_clip_224",
     "vit_base_patch32_clip_224",
-    # Hiera variants vitresize does not match (a 4-d table beside a window table): refused as "no ViT".
+    # Hiera with a fixed table (and a window table) resampled at run time: refused, or nothing to change.
     "hiera_small_abswin_256",
     "hiera_base_abswin_256",
     "hieradet_small",
@@ -114,6 +128,45 @@ PATCH_CASES = [
     ("cait_xxs24_224", 8),
 ]
 
+# Issue 13's sweep: the smallest timm variant of each family, moved to each of SWEEP_TARGETS.
+SWEEP_MODELS = [
+    "vit_base_r50_s16_224",
+    "vit_small_r26_s32_224",
+    "vit_tiny_r_s16_p8_224",
+    "hiera_tiny_224",
+    "vit_small_patch16_rope_224",
+    "vit_small_patch16_dinov3",
+    "swin_tiny_patch4_window7_224",
+    "swinv2_tiny_window8_256",
+    "beit_base_patch16_224",
+    "beitv2_base_patch16_224",
+    "samvit_base_patch16",
+    "mvitv2_tiny",
+    "levit_128s",
+    "pit_ti_224",
+    "visformer_tiny",
+    "crossvit_tiny_240",
+    "volo_d1_224",
+    "nest_tiny",
+    "tnt_s_patch16_224",
+    "gcvit_xxtiny",
+    "maxvit_tiny_tf_224",
+    "vit_relpos_small_patch16_224",
+    "naflexvit_base_patch16_gap",
+    "xcit_nano_12_p16_224",
+    "twins_svt_small",
+    "tiny_vit_5m_224",
+    "efficientformer_l1",
+]
+# Families whose attention window is a timm argument (``window_size``) that a plan's ``window`` changes.
+WINDOWED = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "samvit_base_patch16"]
+SWEEP_TARGETS = ["larger", "smaller", "non-square", "patch 8", "window 12", "larger, window 12"]
+# Image sizes where the rule in _sweep_target does not fit the family (h, w).
+SWEEP_SIZES: dict[str, dict[str, Size]] = {
+    # Two branches, patches 12 and 16, the second at 224/240 of the image: 480 -> 40 x 12, 448 = 28 x 16.
+    "crossvit_tiny_240": {"larger": (480, 480), "smaller": (120, 120), "non-square": (240, 480)},
+}
+
 _ST_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -127,14 +180,43 @@ _ST_DTYPES = {
 }
 
 
+def _no_init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+    return tensor
+
+
+@contextlib.contextmanager
+def _skip_weight_init() -> Iterator[None]:
+    """Weight init draws values a meta tensor does not have (most of a meta build's time, decomposed op by op);
+    shapes never depend on it."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(timm.layers.weight_init, "_trunc_normal_", _no_init))
+        for name in (
+            "uniform_",
+            "normal_",
+            "trunc_normal_",
+            "constant_",
+            "ones_",
+            "zeros_",
+            "eye_",
+            "dirac_",
+            "xavier_uniform_",
+            "xavier_normal_",
+            "kaiming_uniform_",
+            "kaiming_normal_",
+            "orthogonal_",
+        ):
+            stack.enter_context(mock.patch.object(torch.nn.init, name, _no_init))
+        yield
+
+
 def _meta_model(name: str, **kwargs: Any) -> Any:
-    with warnings.catch_warnings(), torch.device("meta"):
+    with warnings.catch_warnings(), _skip_weight_init(), torch.device("meta"):
         warnings.simplefilter("ignore")
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
 @cache
-def _default(name: str) -> tuple[tuple[int, int], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+def _default(name: str) -> tuple[Size, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     """The default image size and the state dict's (shape, dtype) of ``name`` as timm builds it."""
     model = _meta_model(name)
     size = tuple((model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[1:])
@@ -143,8 +225,27 @@ def _default(name: str) -> tuple[tuple[int, int], dict[str, tuple[tuple[int, ...
     return (int(size[0]), int(size[1])), sd
 
 
-def _target_shapes(name: str, **kwargs: Any) -> Shapes:
-    return {k: tuple(v.shape) for k, v in _meta_model(name, **kwargs).state_dict().items()}
+@dataclass(frozen=True)
+class Truth:
+    """What timm builds at a target: ``shapes``, or why it builds nothing (``no_kwarg``: it takes no such
+    argument; else it cannot build the model there)."""
+
+    shapes: Shapes | None
+    why: str = ""
+    no_kwarg: bool = False
+
+
+@cache
+def _truth(name: str, kwargs: tuple[tuple[str, Any], ...]) -> Truth:
+    try:
+        model = _meta_model(name, **dict(kwargs))
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            return Truth(None, f"timm takes no {', '.join(k for k, _ in kwargs)}", no_kwarg=True)
+        return Truth(None, f"timm cannot build it: {type(e).__name__}: {e}")
+    except Exception as e:  # timm's own checks: AssertionError, ValueError, RuntimeError ...
+        return Truth(None, f"timm cannot build it: {type(e).__name__}: {e}")
+    return Truth({k: tuple(v.shape) for k, v in model.state_dict().items()})
 
 
 def _write_sparse(sd: dict[str, tuple[tuple[int, ...], torch.dtype]], path: Path) -> None:
@@ -186,7 +287,7 @@ def sparse(survey_dir: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
         path.unlink(missing_ok=True)
 
 
-def _size(hw: tuple[int, int]) -> str:
+def _size(hw: Size) -> str:
     return f"{hw[0]}x{hw[1]}"
 
 
@@ -194,30 +295,50 @@ def _plan(path: Path, **kwargs: Any) -> Shapes | vitresize.VitresizeError:
     """The planned shapes, or the refusal (checked to be one non-empty line)."""
     try:
         with vitresize.plan(path, **kwargs) as p:
-            return {c.key: tuple(c.new_shape) for c in p.changes}
+            planned = {c.key: tuple(c.new_shape) for c in p.changes}
+            assert len(planned) == len(p.changes), f"a key changed twice: {[c.key for c in p.changes]}"
+            return planned
     except vitresize.VitresizeError as err:
         msg = str(err)
         assert msg.strip(), f"{type(err).__name__} with an empty message"
         assert "\n" not in msg, f"{type(err).__name__} message is not one line: {msg!r}"
+        assert err.exit_code in (1, 2), f"{type(err).__name__} exit code {err.exit_code}"
         return err
 
 
 def _mismatches(source: dict[str, tuple[tuple[int, ...], torch.dtype]], planned: Shapes, target: Shapes) -> list[str]:
     """What a strict load of the planned output into the target model would trip over."""
-    bad = [f"{k}: planned {list(s)}, timm {target.get(k)}" for k, s in planned.items() if target.get(k) != s]
-    for key, (shape, _) in source.items():
-        if key not in planned and key in target and target[key] != shape:
-            bad.append(f"{key}: left at {list(shape)}, timm {list(target[key])}")
+    bad = [f"{k}: planned, but not in the source" for k in planned if k not in source]
+    out = {k: planned.get(k, shape) for k, (shape, _) in source.items()}
+    for key, shape in out.items():
+        if key not in target:
+            bad.append(f"{key}: unexpected (timm's model at the target has no such key)")
+        elif target[key] != shape:
+            how = "planned" if key in planned else "left at"
+            bad.append(f"{key}: {how} {list(shape)}, timm {list(target[key])}")
+    bad += [f"{k}: missing (timm's model at the target has it)" for k in target if k not in out]
     return bad
 
 
-def _check(name: str, result: Shapes | vitresize.VitresizeError, **target_kwargs: Any) -> None:
-    """A plan (not a refusal) must give exactly timm's shapes for ``name`` built with ``target_kwargs``."""
+def _judge(name: str, result: Shapes | vitresize.VitresizeError, truth: Truth) -> tuple[str, str]:
+    """``(outcome, what is wrong)`` of one plan against timm's model at the target."""
     if isinstance(result, vitresize.VitresizeError):
-        return
-    assert result, f"{name}: the plan changes nothing"
-    bad = _mismatches(_default(name)[1], result, _target_shapes(name, **target_kwargs))
-    assert not bad, f"{name} at {target_kwargs}: " + "; ".join(bad)
+        return "ref", ""
+    if truth.shapes is None:
+        if truth.no_kwarg and not result:
+            return "same", ""
+        return "WRONG", f"planned {result}, but {truth.why}"
+    bad = _mismatches(_default(name)[1], result, truth.shapes)
+    if bad:
+        return "WRONG", "; ".join(bad)
+    return ("conv" if result else "same"), ""
+
+
+def _check(name: str, result: Shapes | vitresize.VitresizeError, **target_kwargs: Any) -> None:
+    """A plan (not a refusal) must give exactly timm's shapes for ``name`` built with ``target_kwargs`` (where
+    timm takes no such argument: change nothing)."""
+    outcome, why = _judge(name, result, _truth(name, tuple(sorted(target_kwargs.items()))))
+    assert outcome != "WRONG", f"{name} at {target_kwargs}: {why}"
 
 
 def _known_wrong(reason: str) -> pytest.MarkDecorator:
@@ -239,11 +360,8 @@ def test_double_img_size_refused_or_exact(name: str, sparse: Any) -> None:
     target = (2 * size[0], 2 * size[1])
     result = _plan(path, img_size=_size(target))
     _check(name, result, img_size=target)
-    if name in STEM_MODELS:
-        assert isinstance(result, vitresize.VitresizeError), (
-            f"{name}: planned without from_img_size, but the stem's stride is not in the weights"
-        )
-        assert "stride" in str(result)
+    if name in STEM_MODELS and isinstance(result, vitresize.VitresizeError):
+        assert "stride" in str(result), f"{name}: refused, but not for the stem's unknown stride: {result}"
     if name in EXPECT_REFUSED:
         assert isinstance(result, vitresize.VitresizeError), f"{name}: not refused"
         assert EXPECT_REFUSED[name] in str(result)
@@ -270,3 +388,146 @@ def test_new_patch_refused_or_exact(name: str, patch: int, sparse: Any) -> None:
     if not isinstance(result, vitresize.VitresizeError):
         assert any(k.endswith("pos_embed") for k in result), result
         assert any(k.startswith("patch_embed") for k in result), result
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+
+
+def _sweep_target(name: str, label: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(plan's keyword arguments, timm's)`` for moving ``name`` to ``label`` (one of SWEEP_TARGETS)."""
+    (h, w), _ = _default(name)
+    sizes = {
+        "larger": (384, 384) if max(h, w) < 384 else (2 * h, 2 * w),
+        "smaller": (160, 160) if max(h, w) <= 256 else (h // 2, w // 2),
+        "non-square": (h, 320) if w == 224 else (h, round(w * 10 / 7 / 32) * 32),
+        **SWEEP_SIZES.get(name, {}),
+    }
+    if label in sizes:
+        return {"img_size": _size(sizes[label])}, {"img_size": sizes[label]}
+    if label == "patch 8":
+        return {"patch": 8}, {"patch_size": 8}
+    if label == "window 12":
+        return {"window": 12}, {"window_size": 12}
+    assert label == "larger, window 12", label
+    return {"img_size": _size(sizes["larger"]), "window": 12}, {"img_size": sizes["larger"], "window_size": 12}
+
+
+_SWEEP_CASES = [
+    (name, label) for name in SWEEP_MODELS for label in SWEEP_TARGETS if "window" not in label or name in WINDOWED
+]
+
+_SWEEP: dict[tuple[str, str], tuple[str, str]] = {}
+"""(model, target) -> the outcome planned without and with ``from_img_size``: ``conv`` (converted, exactly
+timm's shapes), ``same`` (nothing to change, and timm's shapes are the source's), ``ref`` (refused), ``WRONG``."""
+_REFUSALS: dict[tuple[str, str], str] = {}
+_TRUTH_NOTES: dict[tuple[str, str], str] = {}
+
+
+def _cli_refuses(path: Path, out: Path, plan_kwargs: dict[str, Any], err: vitresize.VitresizeError) -> None:
+    """The command line refuses the same case with one ``Error:`` line on stderr and the error's exit code."""
+    flags = [f"--{k.replace('_', '-')}" if i % 2 == 0 else str(v) for k, v in plan_kwargs.items() for i in (0, 1)]
+    res = CliRunner().invoke(app, ["convert", str(path), str(out), *flags, "--dry-run"])
+    assert res.exit_code == err.exit_code, (res.exit_code, err, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == "", (res.stdout, res.stderr)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("name", "label"), _SWEEP_CASES)
+def test_sweep(name: str, label: str, sparse: Any, survey_dir: Path) -> None:
+    """Issue 13: every target of every family is converted exactly as timm builds it there, or refused."""
+    path = sparse(name)
+    size, _ = _default(name)
+    plan_kwargs, timm_kwargs = _sweep_target(name, label)
+    truth = _truth(name, tuple(sorted(timm_kwargs.items())))
+    if truth.shapes is None:
+        _TRUTH_NOTES[name, label] = "no kwarg" if truth.no_kwarg else "timm fails"
+    plain = _plan(path, **plan_kwargs)
+    given = _plan(path, **plan_kwargs, from_img_size=_size(size))
+    outcomes, wrong = [], []
+    for how, result in (("", plain), (f" with from_img_size={_size(size)}", given)):
+        outcome, why = _judge(name, result, truth)
+        outcomes.append(outcome)
+        if why:
+            wrong.append(f"{name} -> {plan_kwargs}{how}: {why}")
+    _SWEEP[name, label] = (outcomes[0], outcomes[1])
+    refusals = [f"{type(r).__name__}: {r}" for r in (plain, given) if isinstance(r, vitresize.VitresizeError)]
+    if refusals:
+        _REFUSALS[name, label] = " / with from_img_size: ".join(dict.fromkeys(refusals)).replace(str(path), "SRC")
+    assert not wrong, "\n".join(wrong)
+    if isinstance(plain, vitresize.VitresizeError):
+        _cli_refuses(path, survey_dir / f"{name}.out.safetensors", plan_kwargs, plain)
+
+
+# Refusals that stay refusals, to hold the command line's contract (one Error: line, exit 1 or 2) whatever the
+# sweep's families come to convert.
+CLI_REFUSED = [
+    ("vit_tiny_patch16_224", ["--window", "12"], "window"),  # no window to change
+    ("swin_tiny_patch4_window7_224", ["--img-size", "226"], "divisible"),  # 226 is no multiple of the 4 patch
+    ("vit_so400m_patch14_siglip_384", ["--img-size", "768"], "divisible"),
+    ("qwen3_vit_88m_enc", ["--img-size", "512"], "Qwen3-VL"),
+    ("vit_base_r50_s16_224", ["--patch", "8", "--from-img-size", "224"], "patch"),  # the kernel after a stem
+]
+
+
+@pytest.mark.parametrize(("name", "flags", "needle"), CLI_REFUSED)
+def test_cli_refuses_with_one_error_line(
+    name: str, flags: list[str], needle: str, sparse: Any, survey_dir: Path
+) -> None:
+    path = sparse(name)
+    out = survey_dir / f"{name}.out.safetensors"
+    res = CliRunner().invoke(app, ["convert", str(path), str(out), *flags])
+    assert res.exit_code in (1, 2), (res.exit_code, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert needle in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert not out.exists()
+
+
+def _cell(outcomes: tuple[str, str], note: str | None) -> str:
+    plain, given = outcomes
+    text = plain if plain == given else f"{plain}|{given}"
+    return f"{text} ({note})" if note else text
+
+
+class _SweepTable:
+    """A plugin that prints the sweep's table in pytest's terminal summary (shown with -q too)."""
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if _SWEEP:
+            terminalreporter.section("vitresize sweep (issue 13)", sep="-")
+            for line in _sweep_lines():
+                terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sweep_table(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    plugins = request.config.pluginmanager
+    if _SWEEP and not any(isinstance(p, _SweepTable) for p in plugins.get_plugins()):
+        plugins.register(_SweepTable())
+
+
+def _sweep_lines() -> list[str]:
+    lines = [
+        "cells: planned without from_img_size|with it (one word when both agree): conv = converted to exactly "
+        "timm's shapes, same = nothing to change (timm's shapes are the source's), ref = refused, WRONG = a "
+        "checkpoint timm cannot load; (no kwarg) = timm takes no such argument, (timm fails) = timm cannot build it",
+    ]
+    width = max(len(n) for n, _ in _SWEEP)
+    cols = [t for t in SWEEP_TARGETS if any(label == t for _, label in _SWEEP)]
+    cells = {k: _cell(v, _TRUTH_NOTES.get(k)) for k, v in _SWEEP.items()}
+    col_w = {t: max([len(t)] + [len(c) for (_, label), c in cells.items() if label == t]) for t in cols}
+    lines.append(" | ".join([f"{'model':{width}}"] + [f"{t:{col_w[t]}}" for t in cols]))
+    for name in dict.fromkeys(n for n, _ in _SWEEP):
+        row = [f"{name:{width}}"] + [f"{cells.get((name, t), '-'):{col_w[t]}}" for t in cols]
+        lines.append(" | ".join(row))
+    counts: dict[str, int] = {}
+    for outcomes in _SWEEP.values():
+        best = next(o for o in ("WRONG", "conv", "same", "ref") if o in outcomes)
+        counts[best] = counts.get(best, 0) + 1
+    lines.append("pairs (best of the two plans): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    lines.append("refusals:")
+    lines += [f"  {n} {label}: {why}" for (n, label), why in _REFUSALS.items()]
+    return lines

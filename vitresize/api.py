@@ -16,7 +16,17 @@ from .budgets import check_plan
 from .errors import CheckpointFormatError, DeviceError, GeometryError, Message, NoViTFoundError, UsageError, param
 from .formats import Checkpoint, open_checkpoint
 from .keymaps import KEYMAPS, Found, TensorInfo, find_vits
-from .keymaps.base import Rule, kernel_shape, kernel_size, pos_grid, pos_rows, pos_shape, token_rows
+from .keymaps.base import (
+    BIAS_TABLE_OPS,
+    RELATIVE_OPS,
+    Rule,
+    kernel_shape,
+    kernel_size,
+    pos_grid,
+    pos_rows,
+    pos_shape,
+    token_rows,
+)
 from .options import EXECUTE_FIELDS, GENERATED_OPS, Family, Options, Target, resolve
 from .plans import Embedding, ModelPlan, Plan, TensorChange
 from .report import Inspection, Report, StateDictSummary
@@ -127,9 +137,21 @@ def _embeddings(
                     num_rows = pos_rows(pos.shape, km.pos_layout)
                     assert num_rows is not None  # find_vits checked the layout
                     sidecar_img = ckpt.sidecar.img_size if ckpt.sidecar is not None else None
+                    shape_grid = pos_grid(pos.shape, km.pos_layout)
                     grid, rows, how, stride = _stem_geometry(
-                        f, num_rows, kernel, from_grid, from_img_size or sidecar_img, meta_hint, from_img_size is None
+                        f,
+                        num_rows,
+                        kernel,
+                        from_grid,
+                        from_img_size or sidecar_img,
+                        shape_grid or meta_hint,
+                        from_img_size is None,
                     )
+                    if shape_grid is not None and grid != shape_grid:
+                        raise GeometryError(
+                            f"{f.pos_key} holds a {format_size(shape_grid)} grid ({list(pos.shape)}), not the "
+                            f"{format_size(grid)} grid that {how} gives; check {how}"
+                        )
                     stride_known = stride is not None
                     source = Geometry(grid=grid, patch=stride or kernel)
                     if stride is None:
@@ -226,26 +248,40 @@ def _tableless_grid(
     elif from_img_size is not None:
         given = resolve_target(Geometry((1, 1), kernel), img_size=from_img_size).grid
         how = param("from_img_size")
-    spans = [(k, r, tensors[k]) for k, r in f.tied if r.span == "grid" and r.op in ("rel_bias", "rel_pos_1d")]
+    spans = [(k, r, tensors[k]) for k, r in f.tied if r.span == "grid" and r.op in RELATIVE_OPS]
     if not spans:
+        read = f.keymap.grid(tensors, f.prefix) if f.keymap.grid is not None else None
+        if read is not None:
+            if given is not None and given != read:
+                raise GeometryError(
+                    f"{f.anchor_key}'s model has a {format_size(read)} grid (its tables' shapes), not the "
+                    f"{format_size(given)} grid {how} gives; check {how}"
+                )
+            return read, "table shape"
         if given is None and hint is not None:
             return hint, hint_from
         return given, how
+
+    def spanned(key: str, rule: Rule, grid: Size) -> Size:
+        """What ``key``'s table spans for a model ``grid`` (its stage's grid, where the rule derives one)."""
+        return rule.size(key[len(f.prefix) :], grid, kernel) if rule.size is not None else grid
+
     key, rule, info = spans[0]
     for g, src in ((given, how), (hint, hint_from)):
-        if g is not None and rule.spans(info.shape, g):
+        if g is not None and rule.spans(info.shape, spanned(key, rule, g)):
             return g, src
         if g is not None and src == how:
             raise GeometryError(
                 f"{key} has shape {list(info.shape)}, which does not span a {format_size(g)} grid ({how}); check {how}"
             )
-    g = rule.square_span(info.shape)
-    if g is None:
-        raise GeometryError(
-            f"cannot infer the source grid from {key} {list(info.shape)}: it is not a square grid's table; pass "
-            f"{param('from_grid')} HxW (or {param('from_img_size')} HxW)"
-        )
-    return g, "table shape"
+    for k, r, i in spans:  # a table over the model's own grid: one whose rule maps that grid to itself
+        g = r.square_span(i.shape)
+        if g is not None and spanned(k, r, g) == g:
+            return g, "table shape"
+    raise GeometryError(
+        f"cannot infer the source grid from {key} {list(info.shape)}: it is not a square grid's table; pass "
+        f"{param('from_grid')} HxW (or {param('from_img_size')} HxW)"
+    )
 
 
 def _infer_grid(f: Found, num_rows: int, kernel: Size, **given: Any) -> tuple[Size, int, str]:
@@ -338,7 +374,7 @@ def _check_method(changes: tuple[TensorChange, ...], method: str) -> None:
     if method != "beit":
         return
     for c in changes:
-        if c.op == "rel_bias" and c.spans is not None and min(*c.spans[0], *c.spans[1]) < 3:
+        if c.op in BIAS_TABLE_OPS and c.spans is not None and min(*c.spans[0], *c.spans[1]) < 3:
             raise UsageError(
                 f"{param('method')} beit fits a cubic spline, which needs a window of at least 3x3; {c.key} spans "
                 f"{format_size(c.spans[0])} -> {format_size(c.spans[1])}; use {param('method')} timm"
@@ -361,7 +397,7 @@ def _model_plan(e: Embedding, target: Target) -> ModelPlan:
     """The geometry one model moves to."""
     assert e.source is not None
     fixed = KEYMAPS[e.family].fixed_patch
-    if target.patch is not None and fixed is not None and target.patch != e.source.patch:
+    if target.patch is not None and fixed is not None:
         raise UsageError(
             f"{param('patch')} cannot change the patch of {e.anchor_key}'s model: {fixed}; give the target as "
             f"{param('img_size')} or {param('grid')}"
@@ -376,7 +412,12 @@ def _model_plan(e: Embedding, target: Target) -> ModelPlan:
         geometry = e.source  # --window alone
     else:
         geometry = resolve_target(e.source, img_size=target.img_size, patch=target.patch, grid=target.grid)
-    return ModelPlan(e, geometry, window=target.window or e.window)
+    window = target.window or e.window
+    check = KEYMAPS[e.family].check_target
+    why = check(geometry.grid, geometry.patch, window) if check is not None and geometry.grid != (0, 0) else None
+    if why is not None:
+        raise UsageError(f"{e.anchor_key}'s model ({e.family}) cannot be built at {target.describe()}: {why}")
+    return ModelPlan(e, geometry, window=window)
 
 
 def _nothing_to_change(models: tuple[ModelPlan, ...]) -> str:
@@ -503,13 +544,13 @@ def _tied_change(
         grid_new = rule.size(below, dst.grid, dst.patch) if dst.grid != (0, 0) else grid_old
     spans_grid = rule.span == "grid" and e.grid_known and rule.spans(shape, grid_old)
     old_window = e.window if e.window is not None and rule.spans(shape, e.window) else rule.square_span(shape)
-    spans_window = rule.span == "window" or not spans_grid
+    spans_window = rule.span == "window" or (e.grid_known and not spans_grid and KEYMAPS[e.family].window)
     ambiguous = spans_grid and e.window is not None and rule.spans(shape, e.window)
-    if ambiguous and (src.grid != dst.grid) != (e.window != m.window):
+    if ambiguous and rule.shape_for(shape, grid_new) != rule.shape_for(shape, m.window or e.window or grid_new):
         raise GeometryError(
             f"{key} {list(shape)} spans both the {format_size(src.grid)} grid and the {format_size(e.window)} "
-            f"window, so vitresize cannot tell whether it follows the grid or the window; change both, or "
-            f"neither"
+            f"window, so vitresize cannot tell whether it follows the grid or the window; change both to the "
+            f"same size, or neither"
         )
     if spans_grid:
         old, new_size, what = grid_old, grid_new, "grid"
@@ -540,6 +581,9 @@ def _tied_change(
     assert new is not None  # spans() checked the shape
     how = {
         "abs_table": "absolute table",
+        "nest_table": "block tables",
+        "attn_bias": "attention-bias table",
+        "hf_rel_bias": "relative bias table (as transformers resamples it)",
         "rel_bias": "relative bias table",
         "rel_pos_1d": "1-D relative table",
         "rel_index": "index regenerated",
@@ -560,6 +604,9 @@ def _source_window(f: Found, tensors: dict[str, TensorInfo], grid: Size | None) 
             if w is None:
                 raise GeometryError(f"{key} has shape {list(tensors[key].shape)}, which is not a square window's table")
             return w
+    grid_tables = [(k, r) for k, r in f.tied if r.op != "rel_index" and r.span == "grid" and r.op in RELATIVE_OPS]
+    if grid is not None and grid_tables and all(r.spans(tensors[k].shape, grid) for k, r in grid_tables):
+        return grid  # every table spans the grid: the windowed ones too (SAM at grid = window)
     return None
 
 
@@ -757,7 +804,7 @@ def inspect(
         checked = []
         for e in embeddings:
             keys = [k for k in (e.pos_key, e.patch_key) if k is not None]
-            keys += [k for k, r, _, _ in e.tied if r.op in ("rel_bias", "rel_pos_1d")]
+            keys += [k for k, r, _, _ in e.tied if r.op not in GENERATED_OPS]
             counts = {k: ckpt.count_nonfinite(e.state_dict, k) for k in keys}
             for k, n in counts.items():
                 if n:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UsageError, param
 from .formats._dtypes import nbytes
+from .keymaps.base import RELATIVE_OPS
 
 if TYPE_CHECKING:
     from .keymaps import TensorInfo
@@ -47,7 +48,7 @@ def _working_bytes(c: TensorChange, m: ModelPlan | None, pos_conv: Convention, p
     old, new = math.prod(c.old_shape), math.prod(c.new_shape)
     if c.op == "pos_embed":  # the grid in the working dtype, interpolated, permuted, cast back, concatenated
         return (8 if pos_conv.float64 else 4) * (old + 3 * new) + nbytes(c.new_shape, c.dtype)
-    if c.op in ("rel_bias", "rel_pos_1d"):  # float32 copies, the sample points and their weights (per head)
+    if c.op in RELATIVE_OPS or c.op in ("abs_table", "nest_table"):  # float32 copies, sample points, weights
         return 4 * (old + 3 * new) + 8 * 12 * math.prod(c.new_shape[:2])
     if c.op != "patch_embed" or m is None:
         return 0

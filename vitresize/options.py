@@ -44,12 +44,20 @@ Family = Literal[
     "timm-swinv2",
     "timm-tnt",
     "timm-volo",
+    "timm-pit",
+    "timm-visformer",
+    "timm-nest",
+    "timm-crossvit",
+    "timm-crossvit-dagger",
     "timm-sam",
     "timm-mvitv2",
     "timm-hiera-abswin",
     "timm-hiera",
     "timm-levit",
     "timm-tinyvit",
+    "timm-gcvit",
+    "timm-maxxvit",
+    "timm-maxxvit-rmlp",
     "timm",
     "timm-relpos",
     "timm-rope",
@@ -58,6 +66,9 @@ Family = Literal[
     "timm-naflexvit",
     "timm-efficientformer",
     "torchvision",
+    "hf-beit",
+    "hf-swin",
+    "hf-swinv2",
     "hf",
     "hf-clip",
     "open_clip",
@@ -66,7 +77,17 @@ Family = Literal[
 ]
 """``auto`` or a checkpoint family: a key of :data:`vitresize.keymaps.KEYMAPS`."""
 Method = Literal[
-    "native", "timm", "torchvision", "deit", "hf", "hf-dinov2-reg", "open_clip", "dinov2", "dinov2-reg", "big_vision"
+    "native",
+    "timm",
+    "torchvision",
+    "deit",
+    "beit",
+    "hf",
+    "hf-dinov2-reg",
+    "open_clip",
+    "dinov2",
+    "dinov2-reg",
+    "big_vision",
 ]
 """``native`` (the family's own library's convention) or a key of :data:`vitresize.resample.conventions.METHODS`."""
 Interpolation = Literal["bicubic", "bilinear", "nearest", "area"]
@@ -75,7 +96,16 @@ PatchMethod = Literal["pi", "interp"]
 OutputFormat = Literal["safetensors", "torch", "npz", "folder"]
 """What a conversion writes (a key of :data:`vitresize.formats.WRITERS`, or a model folder)."""
 Op = Literal[
-    "pos_embed", "abs_table", "patch_embed", "position_ids", "rel_bias", "rel_pos_1d", "rel_index", "attn_bias"
+    "pos_embed",
+    "abs_table",
+    "patch_embed",
+    "position_ids",
+    "rel_bias",
+    "rel_pos_1d",
+    "rel_index",
+    "attn_bias",
+    "hf_rel_bias",
+    "nest_table",
 ]
 """What a :class:`~vitresize.plans.TensorChange` does to its tensor (each has a function in
 :data:`vitresize.resample.ops.OPS`)."""

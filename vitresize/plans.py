@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .keymaps import KEYMAPS
-from .keymaps.base import PatchLayout, PosLayout, Rule, Scheme, kernel_size
+from .keymaps.base import RELATIVE_OPS, PatchLayout, PosLayout, Rule, Scheme, kernel_size
 from .options import Op, Options, Target
 from .resample.conventions import Convention
 from .resample.geometry import Geometry, Size, format_size
@@ -80,7 +80,7 @@ class Embedding:
         parts = []
         if self.pos_key is not None and self.pos_shape is not None:
             parts.append(f"absolute table {list(self.pos_shape)}")
-        rels = [t for t in self.tied if t[1].op in ("rel_bias", "rel_pos_1d")]
+        rels = [t for t in self.tied if t[1].op in RELATIVE_OPS]
         if rels:
             span = f"window {format_size(self.window)}" if self.window else "the grid"
             parts.append(f"{len(rels)} relative table(s) spanning {span}")

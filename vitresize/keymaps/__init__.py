@@ -11,17 +11,22 @@ from collections.abc import Mapping
 from ..errors import UsageError, param
 from .base import Found, KeyMap, TensorInfo, find_in
 from .beit import TIMM_BEIT
+from .crossvit import TIMM_CROSSVIT, TIMM_CROSSVIT_DAGGER
 from .dinov2 import DINOV2
+from .gcvit_maxvit import TIMM_GCVIT, TIMM_MAXXVIT, TIMM_MAXXVIT_RMLP
 from .hf import HF_CLIP, HF_VIT
+from .hf_relative import HF_BEIT, HF_SWIN, HF_SWINV2
+from .hiera import TIMM_HIERA, TIMM_HIERA_ABSWIN
 from .jax import BIG_VISION, VIT_JAX
 from .levit import TIMM_LEVIT, TIMM_TINYVIT
 from .misc import EFFICIENTFORMER, NAFLEXVIT, TWINS, XCIT
-from .open_clip import OPEN_CLIP
-from .rope import TIMM_RELPOS, TIMM_ROPE
-from .swin import TIMM_SWIN, TIMM_SWINV2
-from .hiera import TIMM_HIERA, TIMM_HIERA_ABSWIN
 from .mvitv2 import TIMM_MVITV2
+from .nest import TIMM_NEST
+from .open_clip import OPEN_CLIP
+from .pit_visformer import TIMM_PIT, TIMM_VISFORMER
+from .rope import TIMM_RELPOS, TIMM_ROPE
 from .sam import TIMM_SAM
+from .swin import TIMM_SWIN, TIMM_SWINV2
 from .timm import TIMM
 from .tnt_volo import TIMM_TNT, TIMM_VOLO
 from .torchvision import TORCHVISION
@@ -39,12 +44,20 @@ KEYMAPS: dict[str, KeyMap] = {
         TIMM_SWINV2,
         TIMM_TNT,
         TIMM_VOLO,
+        TIMM_PIT,
+        TIMM_VISFORMER,
+        TIMM_NEST,
+        TIMM_CROSSVIT,
+        TIMM_CROSSVIT_DAGGER,
         TIMM_SAM,
         TIMM_MVITV2,
         TIMM_HIERA_ABSWIN,
         TIMM_HIERA,
         TIMM_LEVIT,
         TIMM_TINYVIT,
+        TIMM_GCVIT,
+        TIMM_MAXXVIT,
+        TIMM_MAXXVIT_RMLP,
         TIMM,
         TIMM_RELPOS,
         TIMM_ROPE,
@@ -53,6 +66,9 @@ KEYMAPS: dict[str, KeyMap] = {
         NAFLEXVIT,
         EFFICIENTFORMER,
         TORCHVISION,
+        HF_BEIT,
+        HF_SWIN,
+        HF_SWINV2,
         HF_VIT,
         HF_CLIP,
         OPEN_CLIP,

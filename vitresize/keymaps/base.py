@@ -36,11 +36,18 @@ PosLayout = Literal["1LD", "LD", "1HWD", "1DHW"]
 one: ``[1, H, W, dim]`` (``1HWD``: SAM, VOLO) or ``[1, dim, H, W]`` (``1DHW``: PiT, Visformer). Grid layouts hold
 no prefix rows."""
 GRID_LAYOUTS: tuple[PosLayout, ...] = ("1HWD", "1DHW")
-RuleOp = Literal["abs_table", "rel_bias", "rel_pos_1d", "rel_index", "position_ids", "attn_bias"]
+RuleOp = Literal[
+    "abs_table", "rel_bias", "rel_pos_1d", "rel_index", "position_ids", "attn_bias", "hf_rel_bias", "nest_table"
+]
 """What a :class:`Rule` does to its tensors: resample another absolute table (``abs_table``: a later stage's,
-a second branch's), a 2-D relative position bias table (``rel_bias``) or a 1-D one (``rel_pos_1d``),
-regenerate a ``relative_position_index`` buffer (``rel_index``), or recount an integer ``position_ids`` buffer
-(``position_ids``)."""
+a second branch's; ``nest_table``: NesT's block tables), a 2-D relative position bias table (``rel_bias``, timm's
+recipe; ``hf_rel_bias``, transformers' run-time one) or a 1-D one (``rel_pos_1d``), an attention-bias table
+(``attn_bias``: LeViT's ``[heads, h*w]``), regenerate a ``relative_position_index`` buffer (``rel_index``), or
+recount an integer ``position_ids`` buffer (``position_ids``)."""
+BIAS_TABLE_OPS: tuple[RuleOp, ...] = ("rel_bias", "hf_rel_bias")
+"""Ops of 2-D relative bias tables ``[(2h-1)(2w-1) + extra, heads]`` (or ``[heads, 2h-1, 2w-1]``)."""
+RELATIVE_OPS: tuple[RuleOp, ...] = (*BIAS_TABLE_OPS, "rel_pos_1d", "attn_bias")
+"""Ops of relative tables: the ones a model's grid or window can be read from."""
 Scheme = Literal["absolute", "relative", "rotary", "sincos", "conditional", "runtime", "none"]
 """How a family encodes positions: an absolute table, relative tables (or biases), rotary embeddings, sin-cos
 features computed at run time, a conditional (convolutional) encoding, a table the model resamples itself at run
@@ -54,7 +61,8 @@ def pos_rows(shape: tuple[int, ...], layout: PosLayout) -> int | None:
     if layout == "LD":
         return shape[0] if len(shape) == 2 else None
     if layout in GRID_LAYOUTS:
-        return shape[1] * shape[2] if len(shape) == 4 and shape[0] == 1 else None
+        grid = pos_grid(shape, layout) if len(shape) == 4 and shape[0] == 1 else None
+        return grid[0] * grid[1] if grid is not None else None
     return shape[1] if len(shape) == 3 and shape[0] == 1 else None
 
 
@@ -138,9 +146,9 @@ class Rule:
             if self.layout == "LD" and len(shape) == 2:
                 return (self.extra_rows + h * w, shape[1])
             return (1, self.extra_rows + h * w, shape[2]) if self.layout == "1LD" and len(shape) == 3 else None
-        if self.op == "rel_bias" and self.layout == "HLL":
+        if self.op in BIAS_TABLE_OPS and self.layout == "HLL":
             return (shape[0], 2 * h - 1, 2 * w - 1) if len(shape) == 3 else None
-        if self.op == "rel_bias":
+        if self.op in BIAS_TABLE_OPS:
             return ((2 * h - 1) * (2 * w - 1) + self.extra_rows, shape[1]) if len(shape) == 2 else None
         if self.op == "rel_pos_1d":
             return (2 * size[self.axis] - 1, shape[1]) if len(shape) == 2 else None
@@ -168,9 +176,9 @@ class Rule:
         if self.op == "attn_bias":  # a table of a derived resolution (``size``) does not tell the model's
             side = math.isqrt(shape[1]) if len(shape) == 2 and self.size is None else 0
             return (side, side) if side and side * side == shape[1] else None
-        if self.op == "rel_bias" and self.layout == "HLL" and len(shape) == 3:
+        if self.op in BIAS_TABLE_OPS and self.layout == "HLL" and len(shape) == 3:
             n = shape[1]
-        elif self.op == "rel_bias" and len(shape) == 2:
+        elif self.op in BIAS_TABLE_OPS and len(shape) == 2:
             n = math.isqrt(max(shape[0] - self.extra_rows, 0))
         elif self.op == "rel_pos_1d" and len(shape) == 2:
             n = shape[0]
@@ -261,6 +269,13 @@ class KeyMap:
     untied: tuple[str, ...] = ()
     """Regular expressions (matched at the start of a key below the prefix) of keys that look positional but
     do not depend on the grid (vit_relpos's ``rel_pos.mlp``, XCiT's Fourier ``pos_embed.token_projection``)."""
+    check_target: Callable[[tuple[int, int], tuple[int, int], tuple[int, int] | None], str | None] | None = None
+    """Why the library cannot build the model at a target (called with its grid, patch and window), or ``None``
+    from it when it can: sizes a stage cannot divide, a window the library takes as one int."""
+    grid: Callable[[Mapping[str, TensorInfo], str], tuple[int, int] | None] | None = None
+    """The source grid read from the keys (called with the state dict and the model prefix), for a family
+    without a main table whose tied tables state it in a way no rule reads (NesT: level 0's blocks x tokens);
+    ``None`` from it: unknown."""
 
     @property
     def anchor(self) -> str:

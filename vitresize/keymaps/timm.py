@@ -21,10 +21,7 @@ TIMM = KeyMap(
     native_method="timm",
     no_embed_class=True,
     stride=hybrid_stride,
-    stems=(
-        (r"patch_embed\.(?!proj\.|norm\.)", "a CNN stem ({key})"),
-        (r"blocks\.\d+\.proj\.weight$", "an overlapping stem conv and token-pooling stages ({key}), as Hiera has"),
-    ),
+    stems=((r"patch_embed\.(?!proj\.|norm\.)", "a CNN stem ({key})"),),
     unsupported=(
         (
             r"merger\.",

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..options import GENERATED_OPS
+from .attn_bias import attn_bias
+from .hf_tables import hf_rel_bias
+from .nest import nest_table
 from .patch_embed import resample_patch_embed
 from .pos_embed import resample_pos_embed
 from .tables import relative_position_index, resize_rel_bias, resize_rel_pos_1d
@@ -72,7 +75,10 @@ def _patch_embed(t: torch.Tensor, c: TensorChange, m: ModelPlan, plan: Plan) -> 
 def _rel_bias(t: torch.Tensor, c: TensorChange, m: ModelPlan, plan: Plan) -> torch.Tensor:
     assert c.spans is not None
     layout = "HLL" if len(c.old_shape) == 3 else "LH"
-    return resize_rel_bias(t, old_window=c.spans[0], new_window=c.spans[1], extra_rows=c.extra_rows, layout=layout)
+    cubic = plan.method == "beit"  # the original BEiT recipe: a cubic spline where timm samples linearly
+    return resize_rel_bias(
+        t, old_window=c.spans[0], new_window=c.spans[1], extra_rows=c.extra_rows, layout=layout, cubic=cubic
+    )
 
 
 def _rel_pos_1d(t: torch.Tensor, c: TensorChange, m: ModelPlan, plan: Plan) -> torch.Tensor:
@@ -97,6 +103,9 @@ OPS: dict[str, OpFunction] = {
     "rel_pos_1d": _rel_pos_1d,
     "position_ids": _position_ids,
     "rel_index": _rel_index,
+    "attn_bias": attn_bias,
+    "hf_rel_bias": hf_rel_bias,
+    "nest_table": nest_table,
 }
 """Every op's function: a key for each value of :data:`~vitresize.options.Op` (a test checks)."""
 

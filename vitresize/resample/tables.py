@@ -158,14 +158,15 @@ def resize_rel_bias(
 
 
 def resize_rel_pos_1d(table: torch.Tensor, length: int) -> torch.Tensor:
-    """Resample a 1-D relative table ``[2n-1, dim]`` to ``length`` rows, linearly, as SAM's ``get_rel_pos``."""
+    """Resample a 1-D relative table ``[2n-1, dim]`` to ``length`` rows, linearly, as SAM's ``get_rel_pos`` (and
+    timm's MViTv2 filter): in the table's own dtype, as they compute it."""
     check_dtype(table, "the relative position table")
     if table.shape[0] == length:
         return table
     with memory_guard(f"a {list(table.shape)} relative position table"):
-        work = table.float().reshape(1, table.shape[0], -1).permute(0, 2, 1)
+        work = table.reshape(1, table.shape[0], -1).permute(0, 2, 1)
         new = F.interpolate(work, size=length, mode="linear")
-        return new.reshape(-1, length).permute(1, 0).to(table.dtype)
+        return new.reshape(-1, length).permute(1, 0)
 
 
 def relative_position_index(window: Size, *, class_token: bool, dtype: torch.dtype = torch.int64) -> torch.Tensor:

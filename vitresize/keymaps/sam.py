@@ -1,0 +1,39 @@
+"""timm's SAM image encoder (``timm.models.vision_transformer_sam``: ``samvit_base_patch16``, ``_large_``,
+``_huge_``), and the same keys under an original SAM checkpoint's ``image_encoder.`` prefix.
+
+``pos_embed [1, H, W, D]`` (NHWC, no prefix rows) over the patch grid; each block has 1-D relative tables
+``blocks.N.attn.rel_pos_h [2h-1, head_dim]`` and ``rel_pos_w [2w-1, head_dim]``. The global-attention blocks'
+tables span the grid (``h, w = H, W``), the windowed blocks' span the window (14: ``[27, head_dim]``), which a
+new image size leaves alone and ``--window`` changes; the two are told apart by their length (a grid equal to
+the window cannot be). timm's filter resizes nothing: the model resamples at run time, ``pos_embed`` with
+``resample_abs_pos_embed_nhwc`` (bicubic, antialias) and the tables with ``get_rel_pos`` (linear), which is
+the convention. The patch kernel is a plain patchify conv (kernel = stride), so PI-resize applies.
+"""
+
+from .base import KeyMap, Rule
+
+_REL = r"blocks\.\d+\.attn\.rel_pos_"
+
+
+def _square_window(grid: tuple[int, int], patch: tuple[int, int], window: tuple[int, int] | None) -> str | None:
+    """timm's SAM takes its window as one int."""
+    if window is not None and window[0] != window[1]:
+        return f"timm's SAM takes one window size (an int), not {window[0]}x{window[1]}; give --window N"
+    return None
+
+
+TIMM_SAM = KeyMap(
+    family="timm-sam",
+    pos_embed="pos_embed",
+    patch_embed="patch_embed.proj.weight",
+    tokens=(),
+    native_method="timm",
+    pos_layout="1HWD",
+    markers=(_REL + "h$", _REL + "w$"),
+    rules=(
+        Rule(_REL + "h", "rel_pos_1d", span="grid", layout="LD", axis=0),
+        Rule(_REL + "w", "rel_pos_1d", span="grid", layout="LD", axis=1),
+    ),
+    window=True,
+    check_target=_square_window,
+)
