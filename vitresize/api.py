@@ -51,7 +51,7 @@ def _variant(found: Found, tensors: dict[str, TensorInfo], prefix_rows: int) -> 
     for key in found.token_keys:
         short = key[len(found.prefix) :].rsplit(found.keymap.sep, 1)[-1]
         rows = token_rows(tensors[key])
-        if short in _CLS:
+        if short in _CLS or short.rstrip("_0123456789") in _CLS:  # CrossViT's cls_token_0, cls_token_1
             names.append("cls")
         elif short in _DIST:
             names.append("dist")

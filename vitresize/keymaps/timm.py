@@ -5,8 +5,9 @@
 in which case it holds the grid only. No class token (global pool) means no class row.
 
 The patch is the kernel's size only in a plain ViT. Hybrids (``vit_base_r50_s16_224``: a ResNet under
-``patch_embed.backbone``, then a 1x1 or 8x8 ``patch_embed.proj``) and Hiera (a 7x7 stride-4 stem conv, told
-apart by the ``blocks.N.proj`` of its pooling stages) embed at a stride the weights do not state.
+``patch_embed.backbone``, then a 1x1 or 8x8 ``patch_embed.proj``) embed at the CNN's stride times the kernel,
+read from the backbone's keys (:mod:`.stems`); a backbone whose keys do not tell it needs the source's image
+size. Hiera has its own map (``timm-hiera``).
 Qwen3-VL's encoder (``merger.*``) keeps a fixed 48x48 table that it resamples at run time to any image size.
 """
 
