@@ -250,3 +250,18 @@ def test_own_window_sizes_are_refused(tmp_path: Path, build: Builder, kwargs: di
     src = _save(build(**kwargs), tmp_path / "in.safetensors")
     with pytest.raises(VitresizeError, match="does not derive from one image size"):
         vitresize.plan(src, img_size=448)
+
+
+def test_timm_hub_folder_states_no_patch(tmp_path: Path) -> None:
+    """A family whose patch is the stride of its tables (here 32) takes no ``patch_size``: the folder's config
+    gets the new image size only, and ``timm.create_model("local-dir:...")`` builds and loads the result."""
+    from timm.models._hub import save_for_hf
+
+    args = {**MAXX, "img_size": 256}
+    model = _maxx("maxvit_pico_rw_256")(256)
+    save_for_hf(model, tmp_path / "src", model_args=args, safe_serialization=True)
+    vitresize.convert(tmp_path / "src", tmp_path / "out", img_size=384)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "patch_size" not in cfg["model_args"] and cfg["model_args"]["img_size"] == 384
+    new = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert new.state_dict().keys() == model.state_dict().keys()

@@ -352,6 +352,7 @@ def execute(
         _provenance(plan),
         geometry=(t.img_size, t.patch) if moved and t.grid != (0, 0) else None,
         window=m.window if m.window != m.embedding.window else None,
+        patch_changed=m.target.patch != m.source.patch,
     )
     verified = None
     tick = _ticker(progress, ckpt.size_bytes) if progress else None

@@ -93,7 +93,13 @@ def _embeddings(
             patch = tensors[f.patch_key]
             km = f.keymap
             kernel = kernel_size(patch.shape, km.patch_layout)
-            fixed = km.stride(tensors, f.prefix) if km.stride is not None else None
+            stride_error: str | None = None
+            try:  # a stride that cannot be read is refused (convert) or noted (inspect), like any geometry
+                fixed = km.stride(tensors, f.prefix) if km.stride is not None else None
+            except GeometryError as e:
+                if strict:
+                    raise GeometryError(f"{ckpt.path}: {e.message.raw}") from None
+                fixed, stride_error = None, e.message.raw
             kernel = (fixed, fixed) if fixed else kernel
             pos = tensors[f.pos_key] if f.pos_key is not None else None
             source: Geometry | None = None
@@ -105,6 +111,8 @@ def _embeddings(
             try:
                 if f.unsupported is not None:
                     raise GeometryError(f"{f.anchor_key} is left alone: {f.unsupported}")
+                if stride_error is not None:
+                    raise GeometryError(stride_error)
                 if f.stem is None or fixed:
                     hint, hint_from = _sidecar_grid(ckpt, kernel), "config.json"
                     if hint is None:

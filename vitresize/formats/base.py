@@ -216,6 +216,7 @@ class WriteJob:
         metadata: string metadata to store where the format has a place for it (provenance).
         geometry: ``(image size, patch)`` to write into a model folder's ``config.json``, or ``None`` to copy it.
         window: a new attention window to write there too (Swin), or ``None``.
+        patch_changed: whether the patch changes (a config that does not state one gets it only then).
     """
 
     checkpoint: Checkpoint
@@ -224,6 +225,7 @@ class WriteJob:
     metadata: Mapping[str, str]
     geometry: tuple[tuple[int, int], tuple[int, int]] | None = None
     window: tuple[int, int] | None = None
+    patch_changed: bool = True
 
 
 @dataclass(frozen=True)

@@ -407,7 +407,7 @@ class FolderWriter(Writer):
             elif (ckpt.index_path is not None and name == ckpt.index_path.name) or name in ckpt.duplicates:
                 continue
             elif sidecar is not None and job.geometry is not None and name == sidecar.path.name:
-                sidecar.write(dst, *job.geometry, window=job.window)
+                sidecar.write(dst, *job.geometry, window=job.window, patch_changed=job.patch_changed)
                 dst.chmod(mode)
                 total += dst.stat().st_size
                 rewritten.append(name)

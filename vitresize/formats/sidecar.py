@@ -58,8 +58,12 @@ class Sidecar:
     img_size: Size | None
     patch: Size | None
 
-    def updated(self, img_size: Size, patch: Size, window: Size | None = None) -> dict[str, Any]:
-        """The config with the new geometry (and attention window); every other entry as it was."""
+    def updated(
+        self, img_size: Size, patch: Size, window: Size | None = None, *, patch_changed: bool = True
+    ) -> dict[str, Any]:
+        """The config with the new geometry (and attention window); every other entry as it was. A timm config
+        gets a ``patch_size`` it did not state only when the patch changes (a family whose patch is a stem's
+        stride takes no such argument)."""
         data = copy.deepcopy(self.data)
         if self.kind == "hf":
             target = data["vision_config"] if isinstance(data.get("vision_config"), dict) else data
@@ -75,14 +79,17 @@ class Sidecar:
             data["model_args"] = {}
         args = data["model_args"]
         args["img_size"] = _json_size(img_size)
-        if "patch_size" in args or patch != self.patch:
+        if "patch_size" in args or (patch_changed and patch != self.patch):
             args["patch_size"] = _json_size(patch)
         if window is not None:
             args["window_size"] = _json_size(window)
         return data
 
-    def write(self, dst: Path, img_size: Size, patch: Size, *, window: Size | None = None) -> None:
-        dst.write_text(json.dumps(self.updated(img_size, patch, window), indent=2) + "\n")
+    def write(
+        self, dst: Path, img_size: Size, patch: Size, *, window: Size | None = None, patch_changed: bool = True
+    ) -> None:
+        data = self.updated(img_size, patch, window, patch_changed=patch_changed)
+        dst.write_text(json.dumps(data, indent=2) + "\n")
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}

@@ -76,6 +76,17 @@ def _image(grid: Size, patch: Size, family: str) -> Size:
     return img
 
 
+def _check_target(grid: Size, patch: Size, window: Size | None) -> str | None:
+    """Why timm cannot build the model at ``grid`` cells of ``patch`` pixels: an image size not a multiple of 32."""
+    img = (grid[0] * patch[0], grid[1] * patch[1])
+    if img[0] % _MULTIPLE == 0 and img[1] % _MULTIPLE == 0:
+        return None
+    return (
+        f"timm builds it only at image sizes that are multiples of {_MULTIPLE} (its stages and attention windows "
+        f"are the image divided by up to {_MULTIPLE}), not {img[0]}x{img[1]}"
+    )
+
+
 def _stage(pattern: str, key: str) -> int:
     m = re.fullmatch(pattern, key)
     assert m is not None  # the rule's pattern matched the key
@@ -180,6 +191,7 @@ TIMM_GCVIT = KeyMap(
     scheme="relative",
     scheme_note="windows of image // (32, 32, 16, 32) per stage (the grid counts 32-pixel cells)",
     stride=_stride_for(_GC_RULES, "GCViT", _gcvit_first),
+    check_target=_check_target,
     fixed_patch="GCViT's stem is a stride-2 conv and a strided downsampling, not a patch kernel",
 )
 
@@ -205,6 +217,7 @@ TIMM_MAXXVIT = KeyMap(
     scheme="relative",
     scheme_note="windows of image // 32 (MaxViT's block and grid attention) or a stage's feature map (CoAtNet)",
     stride=_stride_for(_MAXX_RULES, "MaxxViT", _maxxvit_first),
+    check_target=_check_target,
     fixed_patch=_MAXX_STEM,
 )
 
@@ -220,5 +233,6 @@ TIMM_MAXXVIT_RMLP = KeyMap(
     scheme="relative",
     scheme_note="an MLP of log-spaced offsets (rel_pos.mlp) evaluated at run time for any window",
     stride=_stride32,
+    check_target=_check_target,
     fixed_patch=_MAXX_STEM,
 )
