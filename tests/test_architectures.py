@@ -377,3 +377,34 @@ def test_timm_hub_folder_gets_the_new_geometry(
     assert cfg["model_args"].get("window_size") == want[1]
     new = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
     assert tuple(new.patch_embed.img_size) == (want[0], want[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "small", "target"),
+    [
+        ("beit_base_patch16_224", BEIT, {"img_size": 384}),
+        ("swin_tiny_patch4_window7_224", SWIN, {"img_size": 384, "window": 12}),
+        ("volo_d1_224", VOLO, {"img_size": 160}),
+    ],
+)
+def test_every_output_format_holds_the_same_tensors(
+    tmp_path: Path, name: str, small: dict[str, Any], target: dict[str, Any]
+) -> None:
+    """From a training checkpoint (``{"model": ..., "epoch": ...}``), each writer a torch input can go to (.pth
+    keeps the container, .safetensors the state dict; .npz is for JAX inputs) holds the same tensors, bit for
+    bit."""
+    sd = {k: v.contiguous() for k, v in _model(name, **small).state_dict().items()}
+    src = tmp_path / "in.pth"
+    torch.save({"model": sd, "epoch": 3}, src)
+    outs: dict[str, dict[str, torch.Tensor]] = {}
+    for suffix in (".safetensors", ".pth"):
+        vitresize.convert(src, tmp_path / f"out{suffix}", **target)
+    outs["safetensors"] = load_file(str(tmp_path / "out.safetensors"))
+    pth = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert pth["epoch"] == 3
+    outs["pth"] = pth["model"]
+    ref = outs["safetensors"]
+    for fmt, got in outs.items():
+        assert got.keys() == ref.keys(), fmt
+        for k, v in ref.items():
+            assert torch.equal(got[k], v), (fmt, k)
