@@ -264,14 +264,20 @@ def report(rep: Report, *, verbose: bool = False) -> None:
     m = plan.models[0]
     e = m.embedding
     plural = "" if e.prefix_rows == 1 else "s"
+    rows_text = f", {e.prefix_rows} prefix row{plural}" if e.pos_key is not None else ""
+    old_grid = format_size(m.source.grid if e.grid_known else None)
+    new_grid = format_size(m.target.grid if m.target.grid != (0, 0) else None)
     rows = [
-        ("family", f"{plan.family} ({e.variant}, {e.prefix_rows} prefix row{plural})"),
+        ("family", f"{plan.family} ({e.variant}{rows_text}); positions: {e.scheme_text}"),
         ("method", f"{plan.method}: {plan.pos_convention.describe()}"),
-        ("grid", f"{format_size(m.source.grid)} -> {format_size(m.target.grid)}"),
+        ("grid", f"{old_grid} -> {new_grid}"),
     ]
+    if e.window is not None or m.window is not None:
+        rows.append(("window", f"{format_size(e.window)} -> {format_size(m.window)}"))
     if e.stride_known:
         rows.append(("patch", f"{format_size(m.source.patch)} -> {format_size(m.target.patch)}"))
-        rows.append(("image size", f"{format_size(m.source.img_size)} -> {format_size(m.target.img_size)}"))
+        new_img = m.target.img_size if m.target.grid != (0, 0) else None
+        rows.append(("image size", f"{format_size(e.img_size)} -> {format_size(new_img)}"))
     else:  # a CNN stem whose stride the checkpoint does not state: only the grid is known
         rows.append(("patch", f"? (the stride of {e.stem}; kernel {format_size(e.kernel)})"))
         rows.append(("image size", "? -> ? (the grid times the stem's stride)"))
@@ -333,9 +339,14 @@ def _embedding_rows(e: Embedding) -> list[str]:
         _sd(e.state_dict),
         f"{e.family} ({e.variant})",
         f"{e.pos_key} {_shape(e.pos_shape)}" if e.pos_key and e.pos_shape else f"none: {e.scheme_text}",
-        str(e.prefix_rows),
+        str(e.prefix_rows) if e.pos_key else "-",
         f"{format_size(g.grid)} ({_cli(e.geometry_from)})" if g and e.grid_known else "?",
-        f"{e.patch_key} {_shape(e.patch_shape)}",
+        f"{e.patch_key} {_shape(e.patch_shape)}"
+        + (
+            f"; patch {format_size(g.patch)} (its stem's stride)"
+            if g and e.kernel != g.patch and e.stride_known
+            else ""
+        ),
         format_size(e.img_size) if e.img_size else "?",
         ", ".join(k for k in e.prefix_keys) or "-",
     ]

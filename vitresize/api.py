@@ -60,7 +60,7 @@ def _variant(found: Found, tensors: dict[str, TensorInfo], prefix_rows: int) -> 
     text = "+".join(names) if names else "no class token"
     if "dist" in names:
         text = "DeiT distilled: " + text
-    if found.token_rows and prefix_rows == 0:
+    if found.token_rows and prefix_rows == 0 and found.pos_key is not None:
         text += ", no_embed_class"
     for key in _OUTSIDE:
         info = tensors.get(found.prefix + key)
