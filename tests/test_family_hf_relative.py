@@ -389,3 +389,15 @@ def test_hf_relative_inspect_and_cli(tmp_path: Path) -> None:
     data = json.loads(res.stdout)
     text = json.dumps(data)
     assert "hf-swin" in text and "relative_position_bias_table" in text
+
+
+def test_backbone_config_folder_is_refused(tmp_path: Path) -> None:
+    """A head on a backbone (DPT, UperNet) keeps the backbone's sizes in backbone_config, which is not rewritten:
+    a folder conversion is refused rather than written with a config that does not match its weights."""
+    src = _save_pretrained(_beit("BeitModel", 32, **PER_LAYER), tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["backbone_config"] = {"model_type": "beit", "image_size": 32}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="backbone_config"):
+        vitresize.convert(src, tmp_path / "out", img_size=48)
+    assert not (tmp_path / "out").exists()

@@ -458,6 +458,12 @@ def _check_config_can_say(ckpt: Checkpoint, models: tuple[ModelPlan, ...], *, fo
             )
     if sc.kind != "hf":
         return
+    if isinstance(sc.data.get("backbone_config"), dict):
+        raise UsageError(
+            f"{sc.path} keeps the backbone's geometry in backbone_config (a DPT, UperNet or Mask2Former head on a "
+            f"backbone), which vitresize does not rewrite; convert the weights file alone and set the sizes in "
+            f"backbone_config by hand"
+        )
     for m in models:
         img = m.target.img_size
         if m.embedding.family == "hf-clip" and (img[0] != img[1] or m.target.patch[0] != m.target.patch[1]):
