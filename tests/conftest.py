@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
+import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +80,37 @@ def leftovers(folder: Path) -> list[Path]:
 def no_leftovers(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     assert leftovers(tmp_path) == []
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def sparse_safetensors(model: torch.nn.Module, path: Path) -> None:
+    """A safetensors file of the model's shapes whose data is a hole (reads as zeros, takes no disk): a
+    full-size model (built on the meta device) planned from its header alone."""
+    header, offset = {}, 0
+    for k, v in model.state_dict().items():
+        n = v.numel() * v.element_size()
+        header[k] = {
+            "dtype": _SAFETENSORS_DTYPES[v.dtype],
+            "shape": list(v.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+    os.truncate(path, 8 + len(raw) + offset)
+
+
+def assert_tensors_close(out: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """The same keys, shapes and dtypes; floats within 1e-6 (relative and absolute), the rest equal."""
+    assert set(out) == set(want)
+    for k, v in want.items():
+        assert out[k].shape == v.shape, k
+        assert out[k].dtype == v.dtype, k
+        if v.is_floating_point():
+            torch.testing.assert_close(out[k], v, rtol=1e-6, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(out[k], v), k

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+from conftest import assert_tensors_close
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models import beit, eva, swin_transformer, tnt, vision_transformer, vision_transformer_relpos, volo
@@ -63,17 +64,6 @@ def _model(name: str, **kwargs: Any) -> torch.nn.Module:
 def _save(model: torch.nn.Module, path: Path) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
-
-
-def _assert_close(out: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert set(out) == set(want)
-    for k, v in want.items():
-        assert out[k].shape == v.shape, k
-        assert out[k].dtype == v.dtype, k
-        if v.is_floating_point():
-            torch.testing.assert_close(out[k], v, rtol=1e-6, atol=1e-6, msg=k)
-        else:
-            assert torch.equal(out[k], v), k
 
 
 CASES = [
@@ -256,7 +246,7 @@ def test_converts_as_the_library(
     dst_model = _model(name, **small, **dst_kw)
     dst_model.load_state_dict(out, strict=True)
     want = oracle(dict(src_model.state_dict()), dst_model)
-    _assert_close(out, want)
+    assert_tensors_close(out, want)
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,6 @@ table's own dtype; bfloat16 differs by up to 0.0156 (1 ulp) and float16 by up to
 from __future__ import annotations
 
 import json
-import os
-import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +30,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import sparse_safetensors
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed, resample_abs_pos_embed_nhwc, resample_patch_embed
 from timm.models import hiera, mvitv2, vision_transformer_sam
@@ -403,22 +402,6 @@ def test_hiera_runtime_tables_change_nothing(
 
 # -- full-size registered models, planned from headers only ----------------------------------------------------------
 
-_ST = {torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}
-
-
-def _sparse(model: torch.nn.Module, path: Path) -> None:
-    """A safetensors file of the model's shapes whose data is a hole."""
-    header, offset = {}, 0
-    for k, v in model.state_dict().items():
-        n = v.numel() * v.element_size()
-        header[k] = {"dtype": _ST[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + offset)
-
 
 @pytest.mark.parametrize(
     ("name", "target"),
@@ -441,7 +424,7 @@ def test_registered_models_plan_timms_shapes(tmp_path: Path, name: str, target: 
             for k, v in timm.create_model(name, pretrained=False, img_size=target).state_dict().items()
         }
     path = tmp_path / "m.safetensors"
-    _sparse(source, path)
+    sparse_safetensors(source, path)
     with vitresize.plan(path, img_size=target) as p:
         planned = {c.key: tuple(c.new_shape) for c in p.changes}
     assert planned

@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import fixture, load_any
+from conftest import fixture, load_any, sparse_safetensors
 from safetensors.torch import save_file
 
 import vitresize
@@ -216,22 +214,6 @@ def test_stems_of_other_families_are_seen() -> None:
 
 # -- full-size architectures, planned from headers only (meta device, sparse file) ---------------------------------
 
-_ST = {torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}
-
-
-def _sparse_safetensors(model: torch.nn.Module, path: Path) -> None:
-    """A safetensors file of the model's shapes whose data is a hole (reads as zeros, takes no disk)."""
-    header, offset = {}, 0
-    for k, v in model.state_dict().items():
-        n = v.numel() * v.element_size()
-        header[k] = {"dtype": _ST[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + offset)
-
 
 @pytest.mark.parametrize(
     "name",
@@ -248,7 +230,7 @@ def test_full_size_stems_plan_the_shape_timm_builds(tmp_path: Path, name: str) -
         model = timm.create_model(name, pretrained=False)
         want = timm.create_model(name, pretrained=False, img_size=448).state_dict()["pos_embed"].shape
     src = tmp_path / "m.safetensors"
-    _sparse_safetensors(model, src)
+    sparse_safetensors(model, src)
     for given in ({}, {"from_img_size": 224}):
         with vitresize.plan(src, img_size=448, **given) as p:
             assert [(c.key, c.new_shape) for c in p.changes] == [("pos_embed", tuple(want))]
