@@ -31,7 +31,7 @@ from .options import EXECUTE_FIELDS, GENERATED_OPS, Family, Options, Target, res
 from .plans import Embedding, ModelPlan, Plan, TensorChange
 from .report import Inspection, Report, StateDictSummary
 from .resample.conventions import RESAMPLED_DTYPES, resolve_conventions
-from .resample.geometry import Geometry, Size, format_size, infer_source_grid, resolve_target
+from .resample.geometry import Geometry, Size, format_size, given_grid, infer_source_grid, resolve_target
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -247,15 +247,7 @@ def _tableless_grid(
     """The grid of a model without an absolute table: read from a table that spans the grid (BEiT's relative
     tables), else given (``from_grid``, ``from_img_size``, a config.json); ``None`` when nothing tells it and
     nothing depends on it."""
-    if from_grid is not None and from_img_size is not None:
-        raise UsageError(f"give either {param('from_grid')} or {param('from_img_size')}, not both")
-    given: Size | None = None
-    how = ""
-    if from_grid is not None:
-        given, how = from_grid, param("from_grid")
-    elif from_img_size is not None:
-        given = resolve_target(Geometry((1, 1), kernel), img_size=from_img_size).grid
-        how = param("from_img_size")
+    given, how = given_grid(from_grid, from_img_size, kernel)
     spans = [(k, r, tensors[k]) for k, r in f.tied if r.span == "grid" and r.op in RELATIVE_OPS]
     if not spans:
         read = f.keymap.grid(tensors, f.prefix) if f.keymap.grid is not None else None

@@ -9,7 +9,16 @@ from ..errors import GeometryError, Message, UsageError, param
 
 Size = tuple[int, int]
 
-__all__ = ["MAX_SIZE", "Geometry", "Size", "format_size", "infer_source_grid", "parse_size", "resolve_target"]
+__all__ = [
+    "MAX_SIZE",
+    "Geometry",
+    "Size",
+    "format_size",
+    "given_grid",
+    "infer_source_grid",
+    "parse_size",
+    "resolve_target",
+]
 
 
 MAX_SIZE = 2**20
@@ -96,6 +105,21 @@ def _divide(img: Size, patch: Size, option: str) -> Size:
     return (img[0] // patch[0], img[1] // patch[1])
 
 
+def given_grid(from_grid: Size | None, from_img_size: Size | None, patch: Size) -> tuple[Size | None, str]:
+    """The source grid the user gave (``from_grid``, or ``from_img_size`` / ``patch``), and which option gave it.
+
+    Raises:
+        UsageError: both are given, or the image is not divisible by the patch.
+    """
+    if from_grid is not None and from_img_size is not None:
+        raise UsageError(f"give either {param('from_grid')} or {param('from_img_size')}, not both")
+    if from_grid is not None:
+        return from_grid, Message(param("from_grid"))
+    if from_img_size is not None:
+        return _divide(from_img_size, patch, param("from_img_size")), Message(param("from_img_size"))
+    return None, ""
+
+
 def infer_source_grid(
     *,
     num_rows: int,
@@ -127,14 +151,7 @@ def infer_source_grid(
         GeometryError: no candidate explains the token count, or a non-square grid would have to be guessed.
         UsageError: both ``from_grid`` and ``from_img_size`` are given, or the image is not divisible by the patch.
     """
-    if from_grid is not None and from_img_size is not None:
-        raise UsageError(f"give either {param('from_grid')} or {param('from_img_size')}, not both")
-    given: Size | None = None
-    source = ""
-    if from_grid is not None:
-        given, source = from_grid, param("from_grid")
-    elif from_img_size is not None:
-        given, source = _divide(from_img_size, patch, param("from_img_size")), param("from_img_size")
+    given, source = given_grid(from_grid, from_img_size, patch)
     if given is not None:
         for p in prefix_candidates:
             if num_rows - p == given[0] * given[1]:
