@@ -398,3 +398,57 @@ def test_every_output_format_holds_the_same_tensors(
         assert got.keys() == ref.keys(), fmt
         for k, v in ref.items():
             assert torch.equal(got[k], v), (fmt, k)
+
+
+def test_zero_size_tied_table_is_refused_in_one_line(tmp_path: Path) -> None:
+    sd = {k: v.contiguous() for k, v in _model("swin_tiny_patch4_window7_224", **SWIN).state_dict().items()}
+    sd["layers.0.blocks.0.attn.relative_position_bias_table"] = torch.zeros(169, 0)
+    save_file(sd, str(tmp_path / "z.safetensors"))
+    res = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "z.safetensors"), str(tmp_path / "o.safetensors"), "--window", "12"]
+    )
+    assert res.exit_code == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "zero-size dimension" in lines[0], res.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_rope_mixed_frequencies_are_not_tied(tmp_path: Path) -> None:
+    """The learned RoPE frequencies (``rope.freqs``) of ``vit_*_rope_mixed_ape`` do not depend on the grid: its
+    absolute table converts as timm's Eva filter resamples it."""
+    model = _model("vit_base_patch16_rope_mixed_ape_224", depth=1, embed_dim=64, num_heads=2)
+    src = _save(model, tmp_path / "in.safetensors")
+    vitresize.convert(src, tmp_path / "out.safetensors", img_size=256)
+    out = load_file(str(tmp_path / "out.safetensors"))
+    dst = _model("vit_base_patch16_rope_mixed_ape_224", depth=1, embed_dim=64, num_heads=2, img_size=256)
+    dst.load_state_dict(out, strict=True)
+    assert_tensors_close(out, eva.checkpoint_filter_fn(dict(model.state_dict()), dst))
+
+
+def test_a_nested_copy_is_its_own_model(tmp_path: Path) -> None:
+    """A ViT at the root and a copy under ``teacher.``: both are converted (the copy's table is not the root
+    model's unknown key)."""
+    sd = {k: v.contiguous() for k, v in _model("vit_small_patch16_rope_224", **ROPE).state_dict().items()}
+    vit = {k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", depth=1).state_dict().items()}
+    both = {**vit, **{"teacher." + k: v.clone() for k, v in vit.items()}, **{"student." + k: v for k, v in sd.items()}}
+    save_file(both, str(tmp_path / "n.safetensors"))
+    with vitresize.plan(tmp_path / "n.safetensors", img_size=384) as p:
+        assert sorted(c.key for c in p.changes) == ["pos_embed", "teacher.pos_embed"]
+        assert {m.embedding.key_prefix for m in p.models} == {"", "teacher.", "student."}
+
+
+def test_a_source_the_family_cannot_run_is_a_note_in_inspect(tmp_path: Path) -> None:
+    """A derived table that fits no grid the library runs: ``inspect`` notes it (exit 0), ``convert`` refuses it
+    as a problem of the source (exit 1)."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    cfg = MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=(8, 16, 32, 64), num_heads=(1, 1, 1, 1))
+    model = MultiScaleVit(cfg, img_size=128, num_classes=0)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["stages.0.blocks.0.attn.rel_pos_h"] = torch.randn(9, 8)
+    sd["stages.0.blocks.0.attn.rel_pos_w"] = torch.randn(9, 8)
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    (e,) = vitresize.inspect(tmp_path / "m.safetensors").embeddings
+    assert e.source is None and e.note
+    with pytest.raises(VitresizeError):
+        vitresize.plan(tmp_path / "m.safetensors", img_size=256)

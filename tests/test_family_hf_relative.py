@@ -210,9 +210,9 @@ def test_hf_beit_method_timm_uses_timms_recipe(tmp_path: Path) -> None:
     torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-6)
     a = "embeddings.position_embeddings"
     torch.testing.assert_close(got[a], resample_abs_pos_embed(before[a], [6, 6], [4, 4]), rtol=1e-6, atol=1e-6)
-    with pytest.raises(VitresizeError, match="at least 3x3"):
-        vitresize.convert(src, tmp_path / "b.safetensors", img_size=16, from_img_size=32, method="beit")
-    assert not (tmp_path / "b.safetensors").exists()
+    # the cubic spline needs 3x3 of source (4x4 here); any target, even 2x2, is a point of it
+    vitresize.convert(src, tmp_path / "b.safetensors", img_size=16, from_img_size=32, method="beit")
+    assert (tmp_path / "b.safetensors").exists()
 
 
 def test_hf_beit_legacy_index_is_regenerated(tmp_path: Path) -> None:

@@ -374,10 +374,10 @@ def _check_method(changes: tuple[TensorChange, ...], method: str) -> None:
     if method != "beit":
         return
     for c in changes:
-        if c.op in BIAS_TABLE_OPS and c.spans is not None and min(*c.spans[0], *c.spans[1]) < 3:
+        if c.op in BIAS_TABLE_OPS and c.spans is not None and min(c.spans[0]) < 3:
             raise UsageError(
-                f"{param('method')} beit fits a cubic spline, which needs a window of at least 3x3; {c.key} spans "
-                f"{format_size(c.spans[0])} -> {format_size(c.spans[1])}; use {param('method')} timm"
+                f"{param('method')} beit fits a cubic spline through the source table, which needs a window (or "
+                f"grid) of at least 3x3; {c.key} spans {format_size(c.spans[0])}; use {param('method')} timm"
             )
 
 
@@ -576,6 +576,11 @@ def _tied_change(
             f"{key} {list(shape)} spans the source grid, which is not known; pass {param('from_img_size')} or "
             f"{param('from_grid')}"
         )
+    elif not e.grid_known:
+        raise GeometryError(
+            f"{key} has shape {list(shape)}, which spans no window vitresize can read, and the grid is not known; "
+            f"pass {param('from_img_size')} or {param('from_grid')}"
+        )
     else:
         raise GeometryError(
             f"{key} has shape {list(shape)}, which spans neither the {format_size(src.grid)} grid nor a window "
@@ -585,6 +590,8 @@ def _tied_change(
         return None
     new = rule.shape_for(shape, new_size)
     assert new is not None  # spans() checked the shape
+    if new == tuple(shape):  # a 1-D table along the axis that keeps its size
+        return None
     how = {
         "abs_table": "absolute table",
         "nest_table": "block tables",

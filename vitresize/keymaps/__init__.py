@@ -78,6 +78,12 @@ KEYMAPS: dict[str, KeyMap] = {
 }
 
 
+_TABLES = tuple(dict.fromkeys(km.pos_embed for km in KEYMAPS.values() if km.pos_embed is not None))
+_KERNELS = tuple(dict.fromkeys(km.patch_embed for km in KEYMAPS.values()))
+"""Every family's position-table and patch-kernel names: where both sit under a longer prefix, that is another
+model's."""
+
+
 def find_vits(tensors: Mapping[str, TensorInfo], family: str = "auto") -> tuple[list[Found], list[str]]:
     """Find every ViT of ``family`` (or of any known family for ``"auto"``) in one state dict.
 
@@ -93,7 +99,7 @@ def find_vits(tensors: Mapping[str, TensorInfo], family: str = "auto") -> tuple[
     found: list[Found] = []
     misses: list[str] = []
     for km in keymaps:
-        f, m = find_in(tensors, km)
+        f, m = find_in(tensors, km, _TABLES, _KERNELS)
         taken = {x.prefix for x in found}  # one model per prefix: the first (most specific) map that finds it
         found += [x for x in f if x.prefix not in taken]
         misses += m

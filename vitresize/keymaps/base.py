@@ -117,12 +117,12 @@ class Rule:
     extra_rows: int = 0
     axis: int = 0
     stage: bool = False
+    """The pattern's first group is a stage index ``s``: the window is clamped to the stage's grid,
+    ``ceil(grid / 2**s)``, where that is smaller (timm's Swin)."""
     size: Callable[[str, tuple[int, int], tuple[int, int]], tuple[int, int]] | None = None
     """For a ``"grid"`` rule whose tensor spans not the model's grid but one derived from it (a later stage's
     table, a second branch's): called with the key below the prefix, the model's grid and its patch, it gives the
     grid (or window) the tensor spans."""
-    """The pattern's first group is a stage index ``s``: the window is clamped to the stage's grid,
-    ``ceil(grid / 2**s)``, where that is smaller (timm's Swin)."""
 
     def stage_window(self, key: str, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         """The window this rule's tensor ``key`` (below the prefix) spans for a model ``window`` at ``grid``."""
@@ -258,11 +258,11 @@ class KeyMap:
     fixed_patch: str | None = None
     unsupported: tuple[tuple[str, str], ...] = ()
     pos_optional: bool = False
+    """The family is found by its kernel, and ``pos_embed`` is used where a model has one (BEiT's variants)."""
     linear_patch: bool = False
     """The patch embedding is a linear layer ``[dim, ph * pw * channels]`` (NaFlexViT), not a conv kernel."""
     fixed_grid: str | None = None
     """Why this family's grid cannot change (a stage that attends over a fixed grid), or ``None``."""
-    """The family is found by its kernel, and ``pos_embed`` is used where a model has one (BEiT's variants)."""
     stride: Callable[[Mapping[str, TensorInfo], str], int | None] | None = None
     """The family's patch read from its keys (called with the state dict and the model prefix) where it is not
     the kernel's size: a stem of stride-2 convolutions (XCiT), a hybrid's CNN; ``None`` from it: unknown."""
@@ -330,8 +330,16 @@ def token_rows(info: TensorInfo) -> int:
     return info.shape[-2] if len(info.shape) >= 3 else 1
 
 
-def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Found], list[str]]:
+def find_in(
+    tensors: Mapping[str, TensorInfo],
+    keymap: KeyMap,
+    tables: tuple[str, ...] = (),
+    kernels: tuple[str, ...] = (),
+) -> tuple[list[Found], list[str]]:
     """All models of ``keymap``'s layout in ``tensors``, under any key prefix.
+
+    A model's keys are the ones below its prefix, less those of another model nested under a longer prefix (a
+    ``teacher.`` copy): one with a position table (a name in ``tables``) and a patch kernel (in ``kernels``).
 
     Returns:
         ``(found, near_misses)``: near misses are position keys of the right name whose patch kernel is
@@ -347,7 +355,7 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
         prefix = key[: len(key) - len(anchor)]
         if any(prefix + r not in tensors for r in keymap.requires):
             continue
-        below = [k[len(prefix) :] for k in tensors if k.startswith(prefix)]
+        below = _below(tensors, prefix, (*tables, anchor), (*kernels, keymap.patch_embed), keymap.sep)
         if not all(any(re.match(m, k) for k in below) for m in keymap.markers):
             continue
         if any(re.match(m, k) for m in keymap.forbids for k in below):
@@ -377,10 +385,31 @@ def find_in(tensors: Mapping[str, TensorInfo], keymap: KeyMap) -> tuple[list[Fou
         stem = _marked(tensors, prefix, keymap.stems)
         unsupported = _marked(tensors, prefix, keymap.unsupported)
         tied = tuple((prefix + k, r) for k in below for r in keymap.rules if r.matches(k))
+        hollow = next((k for k, _ in tied if 0 in tensors[k].shape), None)
+        if unsupported is None and hollow is not None:
+            unsupported = f"{hollow} has a zero-size dimension ({list(tensors[hollow].shape)}), so it holds no weights"
         if unsupported is None:
             unsupported = _unknown_positional(below, prefix, keymap, {k for k, _ in tied} | {key, pos_key or key})
         found.append(Found(keymap, prefix, pos_key, patch_key, token_keys, rows, stem, unsupported, tied))
     return found, misses
+
+
+def _below(
+    tensors: Mapping[str, TensorInfo], prefix: str, tables: tuple[str, ...], kernels: tuple[str, ...], sep: str
+) -> list[str]:
+    """The keys of the model at ``prefix``, relative to it: those of models nested deeper (a table and a kernel
+    under a longer prefix) left out."""
+    keys = [k[len(prefix) :] for k in tensors if k.startswith(prefix)]
+    present = set(keys)
+    nested = set()
+    for k in keys:
+        for t in tables:
+            n = k[: len(k) - len(t)]
+            if k.endswith(sep + t) and n and any(n + kern in present for kern in kernels):
+                nested.add(n)
+    if not nested:
+        return keys
+    return [k for k in keys if not any(k.startswith(n) for n in nested)]
 
 
 _LAYOUT_TEXT = {"1LD": "[1, tokens, dim]", "LD": "[tokens, dim]", "1HWD": "[1, H, W, dim]", "1DHW": "[1, dim, H, W]"}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ..errors import GeometryError, UsageError
+from ..errors import GeometryError
 from .base import KeyMap, Rule, TensorInfo
 
 _TABLE = r"stages\.(\d+)\.blocks\.(\d+)\.attn\.rel_pos_"
@@ -27,22 +27,30 @@ def _stride(tensors: Mapping[str, TensorInfo], prefix: str) -> int:
     return 4
 
 
+def _sizes(grid: tuple[int, int], patch: tuple[int, int], window: tuple[int, int] | None) -> str | None:
+    """Why timm's MViTv2 cannot run at a target grid (``None``: it can)."""
+    img = (grid[0] * patch[0], grid[1] * patch[1])
+    if grid[0] != grid[1] or grid[0] % 8:
+        return (
+            f"timm's MViTv2 runs at square image sizes whose side is a multiple of 32 (a stride-4 stem, then three "
+            f"2x poolings), and {img[0]}x{img[1]} is not one; choose e.g. {max(32, img[0] // 32 * 32)}"
+        )
+    return None
+
+
 def _span(key: str, grid: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
     """The grid ``(n, n)`` that the table ``key`` of an MViTv2 at ``grid`` spans (``n = max(q, kv)``).
 
     Raises:
-        UsageError: a grid timm cannot run: not square, or an image side not a multiple of 32.
-        GeometryError: a stage index past timm's four stages.
+        GeometryError: a grid timm cannot run (not square, or an image side not a multiple of 32), or a stage
+            index past timm's four stages.
     """
     m = re.match(_TABLE, key)
     assert m is not None  # the rule's pattern matched
     stage, block = int(m.group(1)), int(m.group(2))
-    img = (grid[0] * patch[0], grid[1] * patch[1])
-    if grid[0] != grid[1] or grid[0] % 8:
-        raise UsageError(
-            f"timm's MViTv2 runs at square image sizes whose side is a multiple of 32 (a stride-4 stem, then "
-            f"three 2x poolings), and {img[0]}x{img[1]} is not one; choose e.g. {max(32, img[0] // 32 * 32)}"
-        )
+    why = _sizes(grid, patch, None)
+    if why is not None:  # a source the library cannot run (a target is refused before, by check_target)
+        raise GeometryError(why)
     if stage >= _STAGES:
         raise GeometryError(f"{key} is in stage {stage}, and timm's MViTv2 has {_STAGES}; its layout is not known")
     p = grid[0]
@@ -67,4 +75,5 @@ TIMM_MVITV2 = KeyMap(
     scheme="relative",
     stride=_stride,
     fixed_patch="MViTv2's patch is a 7x7 stride-4 stem conv (overlapping, padded), not a patchify kernel",
+    check_target=_sizes,
 )

@@ -23,6 +23,7 @@ TIMM = KeyMap(
     no_embed_class=True,
     stride=hybrid_stride,
     stems=((r"patch_embed\.(?!proj\.|norm\.)", "a CNN stem ({key})"),),
+    untied=(r"rope\.freqs$",),  # the learned RoPE frequencies of vit_*_rope_mixed_ape (absolute table + RoPE)
     unsupported=(
         (
             r"merger\.",
