@@ -89,6 +89,16 @@ CASES = [
         id="beit-smaller",
     ),
     pytest.param(
+        "beitv2_base_patch16_224",
+        BEIT,
+        {},
+        {"img_size": 384},
+        {"img_size": 384},
+        beit.checkpoint_filter_fn,
+        2,
+        id="beitv2-384",
+    ),
+    pytest.param(
         "beit_base_patch16_224",
         BEIT,
         {},
@@ -253,6 +263,7 @@ def test_converts_as_the_library(
     ("name", "small", "scheme"),
     [
         ("vit_small_patch16_rope_224", ROPE, "rotary"),
+        ("vit_small_patch16_dinov3", ROPE, "rotary"),
         ("vit_relpos_small_patch16_224", ROPE, "relative"),
         ("swinv2_tiny_window8_256", SWIN, "relative"),
         ("twins_svt_small", {"depths": (1, 1, 1, 1)}, "conditional"),
