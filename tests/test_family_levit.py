@@ -279,7 +279,7 @@ def test_tinyvit_new_image_size_changes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("target", "match"),
-    [({"window": 12}, "has no window to change"), ({"patch": 8}, "two stride-2 convolutions")],
+    [({"window": "6x8"}, "square windows"), ({"patch": 8}, "two stride-2 convolutions")],
     ids=["window", "patch"],
 )
 def test_tinyvit_refusals(tmp_path: Path, target: dict[str, Any], match: str) -> None:
@@ -295,3 +295,18 @@ def test_efficientvit_msra_is_not_tinyvit(tmp_path: Path) -> None:
     src = _save(_state(model), tmp_path / "in.safetensors")
     with pytest.raises(VitresizeError, match="no ViT of family 'timm-tinyvit'"):
         vitresize.plan(src, img_size=384, family="timm-tinyvit").close()
+
+
+def test_tinyvit_window_scales_every_stage(tmp_path: Path) -> None:
+    """``--window 12`` on window_sizes (7, 7, 14, 7) is timm's (12, 12, 24, 12) (its 384 models): each stage's
+    biases resampled as timm's filter does (``resize_rel_pos_bias_table_levit``), strict load at the target."""
+    model = _model("tiny_vit_5m_224", **TINYVIT)
+    src = _save(_state(model), tmp_path / "in.safetensors")
+    rep = vitresize.convert(src, tmp_path / "out.safetensors", window=12)
+    assert {c.spans for c in rep.plan.changes} >= {((7, 7), (12, 12)), ((14, 14), (24, 24))}
+    out = load_file(str(tmp_path / "out.safetensors"))
+    dst = _model("tiny_vit_5m_224", **TINYVIT, window_sizes=(12, 12, 24, 12))
+    dst.load_state_dict(out, strict=True)
+    want = tiny_vit.checkpoint_filter_fn(dict(model.state_dict()), dst)
+    for k, v in want.items():
+        assert torch.equal(out[k], v), k

@@ -414,7 +414,7 @@ def _model_plan(e: Embedding, target: Target) -> ModelPlan:
         geometry = resolve_target(e.source, img_size=target.img_size, patch=target.patch, grid=target.grid)
     window = target.window or e.window
     check = KEYMAPS[e.family].check_target
-    why = check(geometry.grid, geometry.patch, window) if check is not None and geometry.grid != (0, 0) else None
+    why = check(geometry.grid, geometry.patch, window) if check is not None else None
     if why is not None:
         raise UsageError(f"{e.anchor_key}'s model ({e.family}) cannot be built at {target.describe()}: {why}")
     return ModelPlan(e, geometry, window=window)
@@ -547,7 +547,10 @@ def _tied_change(
     grid_old, grid_new = src.grid, dst.grid
     if rule.size is not None and e.grid_known:
         grid_old = rule.size(below, src.grid, src.patch)
-        grid_new = rule.size(below, dst.grid, dst.patch) if dst.grid != (0, 0) else grid_old
+        try:
+            grid_new = rule.size(below, dst.grid, dst.patch) if dst.grid != (0, 0) else grid_old
+        except GeometryError as err:  # a target the family cannot be built at: the user's to change (exit 2)
+            raise UsageError(err.message.raw) from None
     spans_grid = rule.span == "grid" and e.grid_known and rule.spans(shape, grid_old)
     old_window = e.window if e.window is not None and rule.spans(shape, e.window) else rule.square_span(shape)
     spans_window = rule.span == "window" or (e.grid_known and not spans_grid and KEYMAPS[e.family].window)
@@ -562,6 +565,15 @@ def _tied_change(
         old, new_size, what = grid_old, grid_new, "grid"
     elif spans_window and old_window is not None:
         old, new_size, what = old_window, m.window or old_window, "window"
+        if rule.scale and e.window is not None and m.window is not None:
+            num = (old[0] * m.window[0], old[1] * m.window[1])
+            if num[0] % e.window[0] or num[1] % e.window[1]:
+                raise UsageError(
+                    f"{key} spans a {format_size(old)} window, {old[0]}/{e.window[0]} of the model's "
+                    f"{format_size(e.window)}; at {param('window')} {format_size(m.window)} that is not a whole "
+                    f"window; choose a multiple of {e.window[0] // math.gcd(*e.window, *old)}"
+                )
+            new_size = (num[0] // e.window[0], num[1] // e.window[1])
         if rule.stage:
             if dst.grid == (0, 0):
                 raise GeometryError(

@@ -119,6 +119,9 @@ class Rule:
     stage: bool = False
     """The pattern's first group is a stage index ``s``: the window is clamped to the stage's grid,
     ``ceil(grid / 2**s)``, where that is smaller (timm's Swin)."""
+    scale: bool = False
+    """For a ``"window"`` rule whose stages use multiples of the model's window (TinyViT's 7, 7, 14, 7): a new
+    window scales each table's window by new / old (it must come out whole)."""
     size: Callable[[str, tuple[int, int], tuple[int, int]], tuple[int, int]] | None = None
     """For a ``"grid"`` rule whose tensor spans not the model's grid but one derived from it (a later stage's
     table, a second branch's): called with the key below the prefix, the model's grid and its patch, it gives the
@@ -270,8 +273,9 @@ class KeyMap:
     """Regular expressions (matched at the start of a key below the prefix) of keys that look positional but
     do not depend on the grid (vit_relpos's ``rel_pos.mlp``, XCiT's Fourier ``pos_embed.token_projection``)."""
     check_target: Callable[[tuple[int, int], tuple[int, int], tuple[int, int] | None], str | None] | None = None
-    """Why the library cannot build the model at a target (called with its grid, patch and window), or ``None``
-    from it when it can: sizes a stage cannot divide, a window the library takes as one int."""
+    """Why the library cannot build the model at a target (called with its grid, ``(0, 0)`` when not known, its
+    patch and its window), or ``None`` from it when it can: sizes a stage cannot divide, a window the library
+    takes as one int."""
     grid: Callable[[Mapping[str, TensorInfo], str], tuple[int, int] | None] | None = None
     """The source grid read from the keys (called with the state dict and the model prefix), for a family
     without a main table whose tied tables state it in a way no rule reads (NesT: level 0's blocks x tokens);

@@ -79,6 +79,14 @@ TIMM_LEVIT = KeyMap(
     ),
 )
 
+
+def _square_window(grid: tuple[int, int], patch: tuple[int, int], window: tuple[int, int] | None) -> str | None:
+    """timm's TinyViT takes its windows as ints."""
+    if window is not None and window[0] != window[1]:
+        return f"timm's TinyViT takes square windows (window_sizes are ints), not {window[0]}x{window[1]}"
+    return None
+
+
 TIMM_TINYVIT = KeyMap(
     family="timm-tinyvit",
     pos_embed=None,
@@ -87,12 +95,15 @@ TIMM_TINYVIT = KeyMap(
     native_method="timm",
     markers=(r"stages\.\d+\.blocks\.\d+\.attn\.attention_biases$",),
     forbids=(r"patch_embed\.conv3\.",),  # EfficientViT-MSRA: the same first conv, a stride-16 stem
-    untied=(r"stages\.\d+\.blocks\.\d+\.attn\.attention_bias(es|_idxs)$",),
+    rules=(Rule(r"stages\.\d+\.blocks\.\d+\.attn\.attention_biases", "attn_bias", span="window", scale=True),),
+    window=True,
+    untied=(r"stages\.\d+\.blocks\.\d+\.attn\.attention_bias_idxs$",),  # timm rebuilds it; its filter drops it
     scheme="relative",
     scheme_note=(
         "attention-bias tables over the attention windows (timm's window_sizes, 7, 7, 14, 7 by default), which do "
-        "not depend on the image size: the model pads any input to whole windows"
+        "not depend on the image size: the model pads any input to whole windows; --window scales them"
     ),
     stride=_tinyvit_stride,
     fixed_patch="TinyViT's patch is a stem of two stride-2 convolutions (patch_embed.conv1, conv2), not one kernel",
+    check_target=_square_window,
 )
