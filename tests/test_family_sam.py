@@ -438,3 +438,15 @@ def test_get_rel_pos_readback() -> None:
     assert torch.equal(_rel_pos(t, 7), t)
     want = F.interpolate(t.T[None], size=11, mode="linear")[0].T
     assert torch.equal(_rel_pos(t, 11), want)
+
+
+def test_sam_without_a_table_changes_grid_and_window_together(tmp_path: Path) -> None:
+    """``samvit_base_patch16_224`` has no ``pos_embed`` and its grid is its window (14): a new image size alone is
+    refused (the windowed and global blocks' tables cannot be told apart), both together convert."""
+    kw = {"depth": 2, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1,)}
+    src = _save(_timm("samvit_base_patch16_224", **kw), tmp_path / "in.safetensors")
+    with pytest.raises(VitresizeError, match="change both to the same size"):
+        vitresize.plan(src, img_size=448)
+    vitresize.convert(src, tmp_path / "out.safetensors", img_size=448, window=28)
+    dst = _timm("samvit_base_patch16_224", img_size=448, window_size=28, **kw)
+    dst.load_state_dict(load_file(str(tmp_path / "out.safetensors")), strict=True)

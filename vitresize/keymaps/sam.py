@@ -25,6 +25,7 @@ def _square_window(grid: tuple[int, int], patch: tuple[int, int], window: tuple[
 TIMM_SAM = KeyMap(
     family="timm-sam",
     pos_embed="pos_embed",
+    pos_optional=True,  # samvit_base_patch16_224 has none (its grid is its window: change both, or neither)
     patch_embed="patch_embed.proj.weight",
     tokens=(),
     native_method="timm",
