@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+from conftest import assert_tensors_close
 from safetensors.torch import load_file, save_file
 from timm.models import maxxvit
 from timm.models.gcvit import GlobalContextVit
@@ -82,14 +83,8 @@ def _save(model: torch.nn.Module, path: Path) -> Path:
 
 def _assert_close(out: dict[str, torch.Tensor], want: dict[str, torch.Tensor], src: dict[str, torch.Tensor]) -> None:
     """Every tensor as ``want``; the ones that keep their shape bit for bit the source's."""
-    assert set(out) == set(want)
-    for k, v in want.items():
-        assert out[k].shape == v.shape, k
-        assert out[k].dtype == v.dtype, k
-        if v.is_floating_point():
-            torch.testing.assert_close(out[k], v, rtol=1e-6, atol=1e-6, msg=k)
-        else:
-            assert torch.equal(out[k], v), k
+    assert_tensors_close(out, want)
+    for k in want:
         if "relative_position_bias_table" not in k or out[k].shape == src[k].shape:
             assert torch.equal(out[k], src[k]), k
 
