@@ -220,11 +220,14 @@ def test_sam_inspect_and_cli(tmp_path: Path) -> None:
     assert sorted(c["key"] for c in doc["changes"])[0] == "blocks.1.attn.rel_pos_h"
 
 
-def test_sam_without_pos_embed_is_refused(tmp_path: Path) -> None:
-    """``samvit_base_patch16_224`` (no ``pos_embed``): its global and windowed tables both span 14."""
+def test_sam_without_pos_embed_needs_its_grid(tmp_path: Path) -> None:
+    """A SAM without ``pos_embed`` whose tables differ in length: which are global (over the grid) cannot be read
+    from the weights, so the source size must be given; with it, it converts as timm runs it."""
     src = _save(_sam(use_abs_pos=False), tmp_path / "in.safetensors")
-    with pytest.raises(VitresizeError, match="rel_pos_h looks tied to positions"):
+    with pytest.raises(VitresizeError, match="which is not known"):
         vitresize.plan(src, img_size=192)
+    vitresize.convert(src, tmp_path / "out.safetensors", img_size=192, from_img_size=128)
+    _sam(192, use_abs_pos=False).load_state_dict(load_file(str(tmp_path / "out.safetensors")), strict=True)
 
 
 def test_sam_grid_equal_to_window_is_refused(tmp_path: Path) -> None:

@@ -249,7 +249,7 @@ def _tableless_grid(
     nothing depends on it."""
     given, how = given_grid(from_grid, from_img_size, kernel)
     spans = [(k, r, tensors[k]) for k, r in f.tied if r.span == "grid" and r.op in RELATIVE_OPS]
-    if not spans:
+    if not spans or f.keymap.grid is not None:  # the family's own reading of its grid, where it has one
         read = f.keymap.grid(tensors, f.prefix) if f.keymap.grid is not None else None
         if read is not None:
             if given is not None and given != read:
@@ -388,8 +388,8 @@ def _check_window(embeddings: list[Embedding], window: Size | None) -> None:
     for e in embeddings:
         if not KEYMAPS[e.family].window:
             raise UsageError(
-                f"{param('window')} applies to models with windowed attention (Swin); {e.anchor_key}'s model "
-                f"({e.family}) has no window to change; drop {param('window')}"
+                f"{param('window')} applies to models with windowed attention (Swin, SAM, TinyViT); {e.anchor_key}'s "
+                f"model ({e.family}) has no window to change; drop {param('window')}"
             )
 
 

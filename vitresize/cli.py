@@ -185,7 +185,7 @@ def _size(flag: str, metavar: str, help: str, panel: str) -> Any:
 ImgSizeOpt = Annotated[str | None, _size("--img-size", "N|HxW", "New image size (grid = img-size / patch).", GEOM)]
 PatchOpt = Annotated[str | None, _size("--patch", "N|HxW", "New patch size; alone it keeps the image size.", GEOM)]
 GridOpt = Annotated[str | None, _size("--grid", "HxW", "New patch grid, instead of --img-size.", GEOM)]
-WindowOpt = Annotated[str | None, _size("--window", "N|HxW", "New attention window of a windowed model (Swin).", GEOM)]
+WindowOpt = Annotated[str | None, _size("--window", "N|HxW", "New attention window (Swin, SAM, TinyViT).", GEOM)]
 FromImgOpt = Annotated[
     str | None, _size("--from-img-size", "HxW", "Image size the checkpoint was trained at.", SRC_GEOM)
 ]

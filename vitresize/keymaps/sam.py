@@ -10,9 +10,24 @@ the window cannot be). timm's filter resizes nothing: the model resamples at run
 the convention. The patch kernel is a plain patchify conv (kernel = stride), so PI-resize applies.
 """
 
-from .base import KeyMap, Rule
+import re
+from collections.abc import Mapping
+
+from .base import KeyMap, Rule, TensorInfo
 
 _REL = r"blocks\.\d+\.attn\.rel_pos_"
+
+
+def _grid(tensors: Mapping[str, TensorInfo], prefix: str) -> tuple[int, int] | None:
+    """The grid of a SAM without ``pos_embed``, where its tables tell it: all of one length, the grid being the
+    window (``samvit_base_patch16_224``). Else which tables are global cannot be read: ``None`` (unknown)."""
+    if prefix + "pos_embed" in tensors:
+        return None
+    lengths = {v.shape[0] for k, v in tensors.items() if re.fullmatch(re.escape(prefix) + _REL + "[hw]", k) and v.shape}
+    if len(lengths) != 1:
+        return None
+    n = lengths.pop()
+    return ((n + 1) // 2, (n + 1) // 2) if n % 2 else None
 
 
 def _square_window(grid: tuple[int, int], patch: tuple[int, int], window: tuple[int, int] | None) -> str | None:
@@ -37,4 +52,5 @@ TIMM_SAM = KeyMap(
     ),
     window=True,
     check_target=_square_window,
+    grid=_grid,
 )
