@@ -279,7 +279,7 @@ def test_tinyvit_new_image_size_changes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("target", "match"),
-    [({"window": "6x8"}, "square windows"), ({"patch": 8}, "two stride-2 convolutions")],
+    [({"window": "6x8"}, "takes one window size"), ({"patch": 8}, "two stride-2 convolutions")],
     ids=["window", "patch"],
 )
 def test_tinyvit_refusals(tmp_path: Path, target: dict[str, Any], match: str) -> None:

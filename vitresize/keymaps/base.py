@@ -127,13 +127,22 @@ class Rule:
     table, a second branch's): called with the key below the prefix, the model's grid and its patch, it gives the
     grid (or window) the tensor spans."""
 
-    def stage_window(self, key: str, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
-        """The window this rule's tensor ``key`` (below the prefix) spans for a model ``window`` at ``grid``."""
+    def stage_grid(self, key: str, grid: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
+        """``(s, ceil(grid / 2**s))``: the stage of this rule's tensor ``key`` (below the prefix) and its grid, or
+        ``None`` for a rule without stages."""
         m = re.fullmatch(self.pattern, key) if self.stage else None
         if m is None:
-            return window
+            return None
         s = int(m.group(1))
-        return (min(window[0], -(-grid[0] >> s)), min(window[1], -(-grid[1] >> s)))  # stage grid: ceil(grid / 2**s)
+        return s, (-(-grid[0] >> s), -(-grid[1] >> s))
+
+    def stage_window(self, key: str, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+        """The window this rule's tensor ``key`` (below the prefix) spans for a model ``window`` at ``grid``."""
+        staged = self.stage_grid(key, grid)
+        if staged is None:
+            return window
+        stage = staged[1]
+        return (min(window[0], stage[0]), min(window[1], stage[1]))
 
     def matches(self, key: str) -> bool:
         """Whether ``key`` (below the model prefix) is one of this rule's tensors."""
@@ -417,6 +426,18 @@ def _below(
 
 
 _LAYOUT_TEXT = {"1LD": "[1, tokens, dim]", "LD": "[tokens, dim]", "1HWD": "[1, H, W, dim]", "1DHW": "[1, dim, H, W]"}
+
+
+def square_window(library: str) -> Callable[[tuple[int, int], tuple[int, int], tuple[int, int] | None], str | None]:
+    """A :attr:`KeyMap.check_target` for a ``library`` that takes its window as one int: a non-square one is
+    refused."""
+
+    def check(grid: tuple[int, int], patch: tuple[int, int], window: tuple[int, int] | None) -> str | None:
+        if window is not None and window[0] != window[1]:
+            return f"{library} takes one window size (an int), not {window[0]}x{window[1]}; give --window N"
+        return None
+
+    return check
 
 
 POSITIONAL = re.compile(

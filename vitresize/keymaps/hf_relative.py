@@ -33,7 +33,6 @@ too long and cannot run it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from ..errors import GeometryError, param
@@ -82,10 +81,9 @@ class _SwinWindow(Rule):
                 f"transformers' Swin takes one square window_size, not {window[0]}x{window[1]}; pass a square "
                 f"{param('window')}"
             )
-        m = re.fullmatch(self.pattern, key)
-        assert m is not None  # the rule matched this key
-        s = int(m.group(1))
-        stage = (-(-grid[0] >> s), -(-grid[1] >> s))  # ceil(grid / 2**s): transformers pads odd sizes
+        staged = self.stage_grid(key, grid)  # transformers pads odd sizes: ceil(grid / 2**s)
+        assert staged is not None  # the rule has stages and matched this key
+        s, stage = staged
         if min(stage) < window[0]:
             raise GeometryError(
                 f"{key}: transformers' Swin uses its {window[0]}x{window[0]} window in every stage, and stage {s} of "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from .base import KeyMap, Rule, TensorInfo
+from .base import KeyMap, Rule, TensorInfo, square_window
 
 _STAGE0 = r"stages\.0\.blocks\.\d+\.attn\.attention_biases"
 _LATER = r"stages\.([1-9]\d*)\.(blocks\.\d+\.attn|downsample\.attn_downsample)\.attention_biases"
@@ -80,13 +80,6 @@ TIMM_LEVIT = KeyMap(
 )
 
 
-def _square_window(grid: tuple[int, int], patch: tuple[int, int], window: tuple[int, int] | None) -> str | None:
-    """timm's TinyViT takes its windows as ints."""
-    if window is not None and window[0] != window[1]:
-        return f"timm's TinyViT takes square windows (window_sizes are ints), not {window[0]}x{window[1]}"
-    return None
-
-
 TIMM_TINYVIT = KeyMap(
     family="timm-tinyvit",
     pos_embed=None,
@@ -105,5 +98,5 @@ TIMM_TINYVIT = KeyMap(
     ),
     stride=_tinyvit_stride,
     fixed_patch="TinyViT's patch is a stem of two stride-2 convolutions (patch_embed.conv1, conv2), not one kernel",
-    check_target=_square_window,
+    check_target=square_window("timm's TinyViT"),
 )

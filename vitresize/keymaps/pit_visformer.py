@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import KeyMap, Rule, TensorInfo
+from .stems import square_kernel
 
 __all__ = ["TIMM_PIT", "TIMM_VISFORMER", "GridRule"]
 
@@ -30,15 +31,9 @@ class GridRule(Rule):
         return None
 
 
-def _square_kernel(info: TensorInfo | None) -> int | None:
-    if info is None or len(info.shape) != 4 or info.shape[-1] != info.shape[-2]:
-        return None
-    return info.shape[-1]
-
-
 def _visformer_stride(tensors: Mapping[str, TensorInfo], prefix: str) -> int | None:
     """The stride of ``pos_embed1``'s grid: ``patch_embed1``'s kernel, times 2 behind the conv stem (``stem.0``)."""
-    kernel = _square_kernel(tensors.get(prefix + "patch_embed1.proj.weight"))
+    kernel = square_kernel(tensors.get(prefix + "patch_embed1.proj.weight"))
     if kernel is None:
         return None
     return 2 * kernel if prefix + "stem.0.weight" in tensors else kernel

@@ -13,7 +13,7 @@ the convention. The patch kernel is a plain patchify conv (kernel = stride), so 
 import re
 from collections.abc import Mapping
 
-from .base import KeyMap, Rule, TensorInfo
+from .base import KeyMap, Rule, TensorInfo, square_window
 
 _REL = r"blocks\.\d+\.attn\.rel_pos_"
 
@@ -30,13 +30,6 @@ def _grid(tensors: Mapping[str, TensorInfo], prefix: str) -> tuple[int, int] | N
     return ((n + 1) // 2, (n + 1) // 2) if n % 2 else None
 
 
-def _square_window(grid: tuple[int, int], patch: tuple[int, int], window: tuple[int, int] | None) -> str | None:
-    """timm's SAM takes its window as one int."""
-    if window is not None and window[0] != window[1]:
-        return f"timm's SAM takes one window size (an int), not {window[0]}x{window[1]}; give --window N"
-    return None
-
-
 TIMM_SAM = KeyMap(
     family="timm-sam",
     pos_embed="pos_embed",
@@ -51,6 +44,6 @@ TIMM_SAM = KeyMap(
         Rule(_REL + "w", "rel_pos_1d", span="grid", layout="LD", axis=1),
     ),
     window=True,
-    check_target=_square_window,
+    check_target=square_window("timm's SAM"),
     grid=_grid,
 )

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 from .base import TensorInfo
 
-__all__ = ["hybrid_stride", "jax_hybrid_stride"]
+__all__ = ["hybrid_stride", "jax_hybrid_stride", "square_kernel"]
 
 
 def _indices(tensors: Mapping[str, TensorInfo], pattern: str) -> set[int]:
@@ -30,7 +30,8 @@ def _indices(tensors: Mapping[str, TensorInfo], pattern: str) -> set[int]:
     return {int(m.group(1)) for k in tensors if (m := rx.match(k))}
 
 
-def _square_kernel(info: TensorInfo | None, hwio: bool = False) -> int | None:
+def square_kernel(info: TensorInfo | None, hwio: bool = False) -> int | None:
+    """The side of a square conv kernel (``OIHW``, or ``HWIO``), or ``None`` for anything else."""
     if info is None or len(info.shape) != 4:
         return None
     h, w = (info.shape[0], info.shape[1]) if hwio else (info.shape[-2], info.shape[-1])
@@ -40,7 +41,7 @@ def _square_kernel(info: TensorInfo | None, hwio: bool = False) -> int | None:
 def hybrid_stride(tensors: Mapping[str, TensorInfo], prefix: str) -> int | None:
     """A timm hybrid's patch (``None`` for a model without a CNN under ``patch_embed.backbone``)."""
     base = re.escape(prefix) + r"patch_embed\.backbone\."
-    kernel = _square_kernel(tensors.get(prefix + "patch_embed.proj.weight"))
+    kernel = square_kernel(tensors.get(prefix + "patch_embed.proj.weight"))
     if kernel is None:
         return None
     stages = _indices(tensors, base + r"stages\.(\d+)\.")
@@ -65,7 +66,7 @@ def jax_hybrid_stride(tensors: Mapping[str, TensorInfo], prefix: str) -> int | N
     """vit_jax's R50+ViT patch (``None`` without its ``conv_root``)."""
     if prefix + "conv_root/kernel" not in tensors:
         return None
-    kernel = _square_kernel(tensors.get(prefix + "embedding/kernel"), hwio=True)
+    kernel = square_kernel(tensors.get(prefix + "embedding/kernel"), hwio=True)
     blocks = _indices(tensors, re.escape(prefix) + r"block(\d+)/")
     if kernel is None or not blocks or blocks != set(range(1, max(blocks) + 1)):
         return None
