@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .plans import ModelPlan, Plan, TensorChange
     from .resample.torchfree import Table
 
-__all__ = ["execute"]
+__all__ = ["execute", "resample"]
 
 
 def _select(plan: Plan, ckpt: Checkpoint, writer: Writer, select: str | None) -> tuple[tuple[str, ...], list[str]]:
@@ -59,7 +59,7 @@ def _select(plan: Plan, ckpt: Checkpoint, writer: Writer, select: str | None) ->
     return (chosen,), ckpt.left_out(chosen)
 
 
-def _resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], list[str]]:
+def resample(plan: Plan, ckpt: Checkpoint) -> tuple[dict[Key, torch.Tensor], list[str]]:
     """The resampled tensors, and a warning for each input tensor holding NaN or Inf."""
     from .formats.base import nonfinite
     from .resample.ops import GENERATED, OPS
@@ -168,7 +168,7 @@ class _Resampled:
                 if fast is not None:
                     self._out, self.engine = dict(fast), "numpy"
                 else:
-                    self._out, self.warnings = _resample(self.plan, self.ckpt)
+                    self._out, self.warnings = resample(self.plan, self.ckpt)
                     self.engine = "torch" if self.plan.changes else None
             except MemoryError:  # numpy's allocation failures (torch's are turned into one line in resample/)
                 need = sum(nbytes(c.new_shape, c.dtype) for c in self.plan.changes)

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointFormatError",
     "DeviceError",
     "GeometryError",
+    "MissingDependencyError",
     "InternalError",
     "Message",
     "NoViTFoundError",
@@ -113,6 +114,10 @@ class OutputExistsError(VitresizeError):
 
 class DeviceError(VitresizeError):
     """The requested compute device is not available."""
+
+
+class MissingDependencyError(VitresizeError):
+    """An optional library that the command needs is not installed; the message names the ``pip install``."""
 
 
 class InternalError(AssertionError):

@@ -282,6 +282,20 @@ class Plan:
             self, Path(dst), force=force, dry_run=dry_run, select=select, verify=verify, fsync=fsync, progress=progress
         )
 
+    def resampled(self) -> dict[tuple[str, str], Any]:
+        """The planned tensors resampled, in memory: ``{(state_dict, key): tensor}`` (what :meth:`execute` would
+        write for them; every other tensor stays as it is in the source). ``vitresize check`` builds its
+        reference conversions with it.
+
+        Raises:
+            ValueError: the plan is closed.
+        """
+        if self.checkpoint is None or self.checkpoint.closed:
+            raise ValueError(f"this Plan of {self.src} is closed; call resampled() before closing it")
+        from ._execute import resample
+
+        return resample(self, self.checkpoint)[0]
+
     def close(self) -> None:
         """Close the source; :meth:`execute` cannot be called after."""
         if self.checkpoint is not None:
