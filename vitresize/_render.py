@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,11 +18,16 @@ from rich.text import Text
 
 from .plans import Embedding
 from .report import Inspection, Report
+
+if TYPE_CHECKING:
+    from .fidelity.results import CheckReport
 from .resample.geometry import format_size
 
 __all__ = [
     "StdoutError",
+    "check_report",
     "clean",
+    "count_progress",
     "error",
     "info",
     "inspection",
@@ -399,3 +404,83 @@ def inspection(ins: Inspection) -> None:
     for e in ins.embeddings:
         if e.note:
             warning(e.note)
+
+
+@contextlib.contextmanager
+def count_progress(what: str, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient progress bar counting items (``check``'s images) on stderr when it is a terminal."""
+    err = _Console(stderr=True, highlight=False, soft_wrap=True)
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True
+    )
+    task = bar.add_task(what, total=None)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}%"
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def check_report(rep: CheckReport, *, verbose: bool = False) -> None:
+    """The agreement table and the verdict of ``check``, on stdout.
+
+    Raises:
+        StdoutError: stdout is closed or broken.
+    """
+    o, c = rep.original, rep.converted
+    rows = [
+        (
+            "original",
+            f"{o.path}: {o.family}, image {format_size(o.img_size)}, patch {format_size(o.patch)}, "
+            f"grid {format_size(o.grid)}",
+        ),
+        (
+            "converted",
+            f"{c.path}: image {format_size(c.img_size)}, patch {format_size(c.patch)}, grid {format_size(c.grid)}",
+        ),
+        ("model", o.architecture.describe()),
+        ("load", f"original: {o.load.describe()}; converted: {c.load.describe()}"),
+        ("images", f"{rep.images} from {rep.image_source}" + (f", {len(rep.skipped)} skipped" if rep.skipped else "")),
+    ]
+    table = None
+    if rep.candidates:
+        table = Table(title="Agreement with the original", title_justify="left", header_style="bold")
+        for col in ("Conversion", "Top-1 agree", "Top-5 overlap", "KL", "Cosine (pooled)", "Cosine (patches)"):
+            table.add_column(col, justify="left" if col == "Conversion" else "right")
+        for cand in rep.candidates:
+            s = cand.scores
+            label = {"converted": "CONVERTED", "reference": "reference (vitresize default)"}.get(cand.name, cand.name)
+            if s is None:
+                table.add_row(_cell(label), _cell(f"n/a: {cand.note}"), "", "", "", "")
+                continue
+            table.add_row(
+                _cell(label),
+                _pct(s.top1_agreement),
+                _pct(s.top5_overlap),
+                _fmt(s.kl),
+                _fmt(s.cosine_pooled),
+                _fmt(s.cosine_patch),
+            )
+    after = []
+    if verbose:
+        for s in rep.per_image:
+            agree = "" if s.agree is None else ("agree, " if s.agree else "DISAGREE, ")
+            after.append(("image", f"{s.image}: {agree}cosine {_fmt(s.cosine_pooled)} / {_fmt(s.cosine_patch)}"))
+    for g in rep.gates:
+        after.append(("gate", f"{'pass' if g.ok else 'FAIL'}: {g.text}"))
+    after.append(("verdict", "ok" if rep.ok else "FAILED"))
+    with _stdout() as out:
+        out.print(_summary(rows))
+        if table is not None:
+            out.print(table)
+        out.print(_summary(after))

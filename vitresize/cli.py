@@ -24,6 +24,7 @@ import typer
 from . import _render, options
 from ._version import __version__
 from .errors import UsageError, VitresizeError
+from .fidelity.results import COSINE_MARGIN, TOP1_MARGIN
 from .keymaps import KEYMAPS
 from .options import Options, Target
 from .resample.conventions import METHODS, Convention
@@ -262,6 +263,15 @@ AllowLargeOpt = Annotated[
         rich_help_panel=OUT,
     ),
 ]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        metavar="PNG",
+        help="Also draw the position-embedding similarity and the patch filters (needs vitresize\\[plot]).",
+        rich_help_panel=OUT,
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.", rich_help_panel=OUT)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.", rich_help_panel=OUT)]
 
@@ -389,6 +399,15 @@ def convert(
     verify: VerifyOpt = False,
     fsync: FsyncOpt = False,
     allow_large: AllowLargeOpt = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Then run 'vitresize check SRC DST' with its defaults; exit 1 if it fails.",
+            rich_help_panel=OUT,
+        ),
+    ] = False,
+    plot: PlotOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -424,11 +443,36 @@ def convert(
                 fsync=fsync,
                 progress=bar,
             )
+        checked = None
+        if check and not dry_run:
+            from .fidelity.check import check as run_check
+
+            with _render.count_progress("checking", enabled=not (json_ or quiet)) as bar:
+                checked = run_check(
+                    src, dst, family=family.value, from_img_size=from_img_size, device=device, progress=bar
+                )
+        if plot is not None and not dry_run:
+            from .fidelity.pictures import plot_check, plot_checkpoints
+
+            if checked is not None:
+                plot_check(plot, checked, family=family.value, from_img_size=from_img_size)
+            else:
+                plot_checkpoints(
+                    plot,
+                    [("before", src), ("after", dst)],
+                    title=f"vitresize convert: {src.name} -> {dst.name}",
+                    family=family.value,
+                )
         with _output(product=dry_run, written=dst):
             if json_:
-                _render.json_out(rep.to_dict())
+                d = rep.to_dict()
+                if checked is not None:
+                    d["check"] = checked.to_dict()
+                _render.json_out(d)
             elif not quiet:
                 _render.report(rep, verbose=verbose)
+                if checked is not None:
+                    _render.check_report(checked, verbose=verbose)
         if not quiet:
             for w in rep.warnings:
                 _render.warning(w)
@@ -437,6 +481,11 @@ def convert(
                 _render.info(
                     "legacy (non-zip) torch pickle: it was loaded whole; re-save it with torch.save for lazy reads"
                 )
+            if checked is not None:
+                _check_messages(checked)
+        if checked is not None and not checked.ok:
+            _render.error(f"wrote {dst}, but it does not pass the check: {_failure(checked)}")
+            raise typer.Exit(1)
 
 
 @app.command(
@@ -452,6 +501,7 @@ def inspect(
     family: FamilyOpt = AUTO,
     from_img_size: FromImgOpt = None,
     from_grid: FromGridOpt = None,
+    plot: PlotOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Show a checkpoint's format, nesting, tensors, and its ViT embeddings and geometry."""
@@ -459,6 +509,16 @@ def inspect(
         from . import api
 
         ins = api.inspect(src, family=family.value, from_img_size=from_img_size, from_grid=from_grid)
+        if plot is not None:
+            from .fidelity.pictures import plot_checkpoints
+
+            plot_checkpoints(
+                plot,
+                [("", src)],
+                title=f"vitresize inspect: {src.name}",
+                family=family.value,
+                from_img_size=from_img_size,
+            )
         with _output(product=True):
             if json_:
                 _render.json_out(ins.to_dict())
@@ -467,6 +527,129 @@ def inspect(
         if not json_:
             for w in ins.warnings:
                 _render.warning(w)
+
+
+def _failure(rep: Any) -> str:
+    """Why a check failed, in one line."""
+    for side, name in ((rep.original, "ORIGINAL"), (rep.converted, "CONVERTED")):
+        if not side.load.ok:
+            return f"{name} does not load strictly into {side.architecture.name} ({side.load.describe()})"
+    failed = [g.text for g in rep.gates if not g.ok]
+    return "; ".join(failed) + " (see the table; gates are documented in 'vitresize check --help')"
+
+
+def _check_messages(rep: Any) -> None:
+    for w in rep.warnings:
+        _render.warning(w)
+    for s in rep.skipped:
+        _render.warning(f"skipped {s.path}: {s.reason}")
+
+
+MethodsOpt = Annotated[
+    str,
+    typer.Option(
+        "--methods",
+        metavar="default|all|M,M",
+        help="Also compare these conversion methods (made in memory), ranked; 'all': every method.",
+    ),
+]
+
+
+@app.command(
+    cls=_Command,
+    epilog="Gates (exit 1 when one fails): the original is converted in memory by vitresize's default method to "
+    f"CONVERTED's geometry (the reference); CONVERTED must agree with the original about as well: its mean "
+    f"cosine similarity (pooled and patch features) at most {COSINE_MARGIN} lower, its top-1 agreement at most "
+    f"{TOP1_MARGIN:g} points lower than the reference's. --min-agreement and --min-cosine add absolute gates.\n\n"
+    + _examples(
+        "vitresize check vit.pth vit_384.safetensors",
+        "vitresize check vit.pth vit_384.pth --images photos/ --limit 200",
+        "vitresize check vit.pth vit_384.pth --methods all --plot check.png",
+        "vitresize check hf_vit/ hf_vit_384/ --json --min-agreement 90",
+    )
+    + "\n\n"
+    + "Exit codes: 0 every gate holds, 1 a strict load or a gate failed (or an error), 2 usage error, "
+    "130 interrupted. Set VITRESIZE_DEBUG=1 to see tracebacks.",
+)
+def check(
+    original: Annotated[
+        Path, typer.Argument(metavar="ORIGINAL", help="The checkpoint before conversion.", show_default=False)
+    ],
+    converted: Annotated[
+        Path, typer.Argument(metavar="CONVERTED", help="The converted checkpoint (by any tool).", show_default=False)
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            metavar="NAME",
+            help="The model's name in its library (timm, open_clip, torchvision name; transformers class), "
+            "where no config.json tells it and the weights cannot.",
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            metavar="DIR",
+            help="Images to compare on (recursively, any format Pillow reads); default: scikit-image's photographs.",
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", metavar="N", help="Use at most N images.")] = None,
+    methods: MethodsOpt = "default",
+    min_agreement: Annotated[
+        float | None,
+        typer.Option("--min-agreement", metavar="PCT", help="Fail below this top-1 agreement (percent)."),
+    ] = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option("--min-cosine", metavar="X", help="Fail below this pooled-feature cosine similarity."),
+    ] = None,
+    family: FamilyOpt = AUTO,
+    from_img_size: FromImgOpt = None,
+    device: DeviceOpt = "cpu",
+    plot: PlotOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Prove that CONVERTED still works: build both with their library, load strictly, compare on images."""
+    with _errors():
+        if json_ and quiet:
+            raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
+        from .fidelity.check import check as run_check
+
+        chosen: str | list[str] = methods if methods in ("default", "all") else [m.strip() for m in methods.split(",")]
+        with _render.count_progress("checking", enabled=not (json_ or quiet)) as bar:
+            rep = run_check(
+                original,
+                converted,
+                model=model,
+                images=images,
+                limit=limit,
+                methods=chosen,
+                device=device,
+                min_agreement=min_agreement,
+                min_cosine=min_cosine,
+                family=family.value,
+                from_img_size=from_img_size,
+                progress=bar,
+            )
+        if plot is not None:
+            from .fidelity.pictures import plot_check
+
+            plot_check(plot, rep, family=family.value, from_img_size=from_img_size)
+        with _output(product=True):
+            if json_:
+                _render.json_out(rep.to_dict())
+            elif not quiet:
+                _render.check_report(rep, verbose=verbose)
+        if not json_ and not quiet:
+            _check_messages(rep)
+        if not rep.ok:
+            if not json_:
+                _render.error(f"check failed: {_failure(rep)}")
+            raise typer.Exit(1)
 
 
 def _reserve_std_fds() -> None:

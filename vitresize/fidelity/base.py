@@ -38,7 +38,12 @@ __all__ = [
     "strip_prefix",
 ]
 
-LIBRARIES = {"timm": "timm", "transformers": "transformers", "open_clip": "open_clip_torch", "torchvision": "torchvision"}
+LIBRARIES = {
+    "timm": "timm",
+    "transformers": "transformers",
+    "open_clip": "open_clip_torch",
+    "torchvision": "torchvision",
+}
 """Library (import name) -> the pip package that brings it."""
 
 
@@ -118,7 +123,9 @@ class Architecture:
         return {
             "library": self.library,
             "name": self.name,
-            "args": {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in self.args.items()},
+            "args": {
+                k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in self.args.items()
+            },
             "source": self.source,
             "note": self.note,
         }
