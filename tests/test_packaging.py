@@ -66,6 +66,17 @@ def _declared_runtime() -> dict[str, str]:
     return {_requirement_name(r): r for r in project.get("dependencies", [])}
 
 
+def _declared_optional() -> dict[str, str]:
+    """The extras users install for a feature (``check``, ``plot``; not ``test``/``dev``), and the model libraries
+    ``vitresize check`` builds with (the user's own: timm, transformers, ...; a missing one is named with its
+    ``pip install``), as canonical name -> the requirement."""
+    from vitresize.fidelity.base import LIBRARIES
+
+    extras = _pyproject()["project"].get("optional-dependencies", {})
+    found = {_requirement_name(r): r for name, reqs in extras.items() if name not in ("test", "dev") for r in reqs}
+    return found | {_canonical(p): p for p in LIBRARIES.values()}
+
+
 def _is_type_checking(test: ast.expr) -> bool:
     """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
@@ -167,8 +178,9 @@ def test_runtime_dependencies_are_imported() -> None:
 
 
 def test_runtime_imports_are_declared() -> None:
-    """Every third-party module ``vitresize/`` imports at run time comes from a ``[project].dependencies`` entry."""
-    declared = _declared_runtime()
+    """Every third-party module ``vitresize/`` imports at run time comes from a ``[project].dependencies`` entry,
+    an extra of a feature (``vitresize[plot]``), or a model library of ``check``."""
+    declared = _declared_runtime() | _declared_optional()
     imports = _package_imports()
     problems = []
     for module, providers in _distributions_of(sorted(imports)).items():

@@ -473,9 +473,9 @@ def check_report(rep: CheckReport, *, verbose: bool = False) -> None:
             )
     after = []
     if verbose:
-        for s in rep.per_image:
-            agree = "" if s.agree is None else ("agree, " if s.agree else "DISAGREE, ")
-            after.append(("image", f"{s.image}: {agree}cosine {_fmt(s.cosine_pooled)} / {_fmt(s.cosine_patch)}"))
+        for one in rep.per_image:
+            agree = "" if one.agree is None else ("agree, " if one.agree else "DISAGREE, ")
+            after.append(("image", f"{one.image}: {agree}cosine {_fmt(one.cosine_pooled)} / {_fmt(one.cosine_patch)}"))
     for g in rep.gates:
         after.append(("gate", f"{'pass' if g.ok else 'FAIL'}: {g.text}"))
     after.append(("verdict", "ok" if rep.ok else "FAILED"))

@@ -201,7 +201,7 @@ def _unit_rows(rows: Floats) -> tuple[Floats, npt.NDArray[np.bool_]]:
     """Rows scaled to unit length, and which rows are usable (finite, not zero); unusable rows become 0."""
     import numpy as np
 
-    valid = np.isfinite(rows).all(axis=1)
+    valid = np.asarray(np.isfinite(rows).all(axis=1), dtype=np.bool_)
     clean = np.where(valid[:, None], rows, 0.0)
     peak = float(np.abs(clean).max()) if clean.size else 0.0
     if peak > 0:
@@ -236,7 +236,8 @@ def similarity_mosaic(table: Array) -> _Mosaic:
 
 @dataclass(frozen=True)
 class _Tiles:
-    """The patch kernel's filters as one RGB image (tiles separated by white), and what they show."""
+    """The patch kernel's filters as one RGB image (tiles apart on white, or pale blue for grey tiles), and what
+    they show."""
 
     image: Floats
     caption: str
@@ -293,7 +294,7 @@ def kernel_tiles(kernel: Array) -> _Tiles:
     out, and the caption says so."""
     import numpy as np
 
-    o, c, kh, kw = kernel.shape
+    o, c = kernel.shape[:2]
     weights = np.asarray(kernel, dtype=np.float64)
     finite = np.isfinite(weights.reshape(o, -1)).all(axis=1) if o else np.zeros(0, dtype=bool)
     weights = weights[finite]
@@ -327,7 +328,7 @@ def _tile(tiles: Floats, background: tuple[float, float, float]) -> Floats:
 
 def _aspect(image: Floats) -> float:
     """Height over width of an image."""
-    return image.shape[0] / max(image.shape[1], 1)
+    return float(image.shape[0]) / max(int(image.shape[1]), 1)
 
 
 def _wrap(text: str, width: int) -> str:
@@ -420,7 +421,7 @@ def _draw_table(ax: Any, m: _Mosaic) -> Any:
     ax.set_xlabel(f"position column j ({_of(len(m.cols), w)})", fontsize=9)
     ax.set_ylabel(f"position row i ({_of(len(m.rows), h)})", fontsize=9)
     lines = [f"position-embedding similarity, {h}x{w} grid"]
-    lines.append(f"tile (i, j): cosine of (i, j) to every position" + (" (sampled)" if sampled else ""))
+    lines.append("tile (i, j): cosine of (i, j) to every position" + (" (sampled)" if sampled else ""))
     if m.bad_rows:
         lines.append(f"grey: {m.bad_rows} zero or non-finite rows")
     ax.set_title("\n".join(lines), fontsize=9.5)
@@ -455,7 +456,7 @@ def _draw_bars(ax: Any, bars: Bars) -> None:
     if bars.highlight is not None:
         ax.axhspan(bars.highlight - 0.48, bars.highlight + 0.48, color=HIGHLIGHT_BAND, zorder=0)
     colours = [f"C{k % 10}" for k in range(len(names))]
-    for k, name in enumerate(names):
+    for k in range(len(names)):
         ys = np.arange(n) - 0.4 + (k + 0.5) * height
         for g in range(n):
             _bar(ax, float(ys[g]), float(values[k, g]), height, colours[k], g == bars.highlight, span)
@@ -471,9 +472,14 @@ def _draw_bars(ax: Any, bars: Bars) -> None:
     ax.set_title("agreement with the original, by method" + _highlight_note(bars), fontsize=10.5, pad=24)
     if names:
         patches = require("matplotlib.patches", why="--plot")
-        handles = [patches.Patch(color=colour, label=name) for colour, name in zip(colours, names)]
+        handles = [patches.Patch(color=colour, label=name) for colour, name in zip(colours, names, strict=True)]
         ax.legend(
-            handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(names), fontsize=8.5, frameon=False
+            handles=handles,
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncols=len(names),
+            fontsize=8.5,
+            frameon=False,
         )
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GeometryError, UsageError
 from .base import Architecture, Outputs, Runner, Side, require, standard_heads, strict_load, strip_prefix
@@ -93,7 +93,8 @@ def _named(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         except (OSError, ValueError) as e:
             raise UsageError(f"--model {name!r}: cannot read {path} ({e}); pass a folder with that file") from None
         cfg = data.get("model_cfg", data) if isinstance(data, dict) else None
-        preprocess = (data.get("preprocess_cfg") or {}) if isinstance(data, dict) else {}
+        found = data.get("preprocess_cfg") if isinstance(data, dict) else None
+        preprocess = found if isinstance(found, dict) else {}
     else:
         cfg = oc.get_model_config(name.replace("/", "-"))
     if not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict) or "embed_dim" not in cfg:
@@ -140,7 +141,7 @@ class _OpenClipRunner(Runner):
         )
         self._last: torch.Tensor | None = None
         if getattr(self.model, "attn_pool", None) is not None:  # its tokens are the pooler's queries
-            self.model.transformer.register_forward_hook(self._keep)
+            cast("torch.nn.Module", self.model.transformer).register_forward_hook(self._keep)
 
     def _keep(self, module: Any, args: Any, out: torch.Tensor) -> None:
         self._last = out

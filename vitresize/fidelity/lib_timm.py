@@ -149,7 +149,8 @@ def _create(arch: Architecture, side: Side, device: str) -> torch.nn.Module:
                 f"--model {arch.name!r} is not a timm model name ({e}); see timm.list_models()"
             ) from None
         raise
-    return model.eval().to(device)
+    ready: torch.nn.Module = model.eval().to(device)
+    return ready
 
 
 class TimmRunner(Runner):
@@ -157,7 +158,7 @@ class TimmRunner(Runner):
         self.architecture = arch
         self.device = device
         self.input_size = side.img_size
-        self.model = _create(arch, side, device)
+        self.model: Any = _create(arch, side, device)
         self.grid = side.grid
         if side.format == "npz":
             self.load = self._load_npz(side)

@@ -11,7 +11,7 @@ and patches only. Images are preprocessed by torchvision's eval preset ``ImageCl
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GeometryError, InternalError, UsageError
 from .base import Architecture, Outputs, Runner, Side, require, standard_heads, strict_load, strip_prefix
@@ -96,6 +96,11 @@ def _named(name: str, side: Side, sd: dict[str, torch.Tensor]) -> Architecture:
                 f"--model {name!r} is not a torchvision ViT builder ({str(e).splitlines()[0] if str(e) else e!r}); "
                 f"pass one of {', '.join(_BUILDERS)}"
             ) from None
+        except AssertionError as e:  # torch._assert: the builder's patch does not divide the image size
+            raise GeometryError(
+                f"--model {name!r} cannot be built at {image}x{image} ({e}); pass a builder whose patch divides "
+                f"{image}, or one of {', '.join(_BUILDERS)}"
+            ) from None
         if not isinstance(vit, require("torchvision.models.vision_transformer").VisionTransformer):
             raise UsageError(f"--model {name!r} is not a torchvision ViT builder; pass one of {', '.join(_BUILDERS)}")
         built_patch = vit.patch_size
@@ -137,7 +142,7 @@ class _TorchvisionRunner(Runner):
         h = side.img_size[0]
         self.transform = presets.ImageClassification(crop_size=h, resize_size=round(h * 256 / 224))
         self._tokens: torch.Tensor | None = None
-        self.model.encoder.register_forward_hook(self._keep)
+        cast("torch.nn.Module", self.model.encoder).register_forward_hook(self._keep)
 
     def _keep(self, module: Any, args: Any, out: torch.Tensor) -> None:
         self._tokens = out

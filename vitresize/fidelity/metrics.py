@@ -83,7 +83,7 @@ def compare(names: Sequence[str], a: Outputs, b: Outputs) -> list[ImageScores]:
     import torch.nn.functional as F
 
     cos_pooled = F.cosine_similarity(a.pooled, b.pooled, dim=-1) if a.pooled.shape == b.pooled.shape else None
-    pb = _resize_grid(b.patches, tuple(a.patches.shape[1:3]))
+    pb = _resize_grid(b.patches, (a.patches.shape[1], a.patches.shape[2]))
     cos_patch = (
         F.cosine_similarity(a.patches, pb, dim=-1).mean(dim=(1, 2)) if a.patches.shape[-1] == pb.shape[-1] else None
     )

@@ -57,6 +57,8 @@ def read_side(
 
 def convert_side(side: Side, target: Target, options: Options) -> Side:
     """``side`` converted to ``target`` in memory, as ``vitresize convert`` would write it (no file written)."""
+    if target.from_grid is None and target.from_img_size is None:
+        target = dataclasses.replace(target, from_grid=side.grid)  # the side's geometry, as read (or given) once
     with plan(side.path, target, options) as p:
         new = p.resampled()
         m = next(m for m in p.models if m.embedding.state_dict == side.embedding.state_dict)
