@@ -15,11 +15,14 @@ from .errors import CheckpointFormatError as CheckpointFormatError
 from .errors import DeviceError as DeviceError
 from .errors import GeometryError as GeometryError
 from .errors import InternalError as InternalError
+from .errors import MissingDependencyError as MissingDependencyError
 from .errors import NoViTFoundError as NoViTFoundError
 from .errors import OutputExistsError as OutputExistsError
 from .errors import UnsafeCheckpointError as UnsafeCheckpointError
 from .errors import UsageError as UsageError
 from .errors import VitresizeError as VitresizeError
+from .fidelity.check import check as check
+from .fidelity.results import CheckReport as CheckReport
 from .options import Options as Options
 from .options import Target as Target
 from .plans import Plan as Plan
@@ -27,11 +30,13 @@ from .report import Inspection as Inspection
 from .report import Report as Report
 
 __all__ = [
+    "CheckReport",
     "CheckpointFormatError",
     "DeviceError",
     "GeometryError",
     "Inspection",
     "InternalError",
+    "MissingDependencyError",
     "NoViTFoundError",
     "Options",
     "OutputExistsError",
@@ -42,6 +47,7 @@ __all__ = [
     "UsageError",
     "VitresizeError",
     "__version__",
+    "check",
     "convert",
     "inspect",
     "plan",

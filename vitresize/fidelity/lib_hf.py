@@ -90,8 +90,9 @@ def _architecture(transformers: Any, side: Side, model: str | None) -> tuple[Any
     model is a vision tower built out of a composite (CLIP-like) checkpoint."""
     given = _model_class(transformers, model) if model is not None else None
     if side.config is not None and side.config_kind == "hf":
-        config = _config(transformers, side)
-        name = (side.config.get("architectures") or [None])[0]
+        config = _config(transformers, side, given)
+        archs = side.config.get("architectures")
+        name = archs[0] if isinstance(archs, list) and archs else None
         cls = given or (_model_class(transformers, name, strict=False) if isinstance(name, str) else None)
         vision_only = False
         if given is not None:
@@ -118,10 +119,13 @@ def _model_class(transformers: Any, name: str | None, *, strict: bool = True) ->
     return None
 
 
-def _config(transformers: Any, side: Side) -> Any:
-    """The transformers config of ``side.config`` (its ``model_type`` picks the class)."""
+def _config(transformers: Any, side: Side, given: Any) -> Any:
+    """The transformers config of ``side.config``: its ``model_type`` picks the class (without one, the config
+    class of the model class ``given``)."""
     data = dict(side.config or {})
     model_type = data.pop("model_type", None)
+    if not isinstance(model_type, str) and given is not None:
+        return _config_for(given, None, side)[0]
     if not isinstance(model_type, str):
         raise GeometryError(
             f"{side.path}: its config.json has no model_type, so transformers cannot build it; "
@@ -130,7 +134,7 @@ def _config(transformers: Any, side: Side) -> Any:
     try:
         return transformers.AutoConfig.for_model(model_type, **data)
     except Exception as e:  # transformers validates configs with its own exception classes
-        raise GeometryError(
+        raise CheckpointFormatError(
             f"{side.path}: transformers cannot read its config.json ({_first_line(e)}); fix the config.json"
         ) from None
 
