@@ -1,9 +1,9 @@
 """The transformers runner of ``vitresize check`` (:mod:`vitresize.fidelity.lib_hf`), against transformers itself.
 
-Oracle: the fixture's own class built from ``make_families.hf_config`` and loaded (strictly) from the fixture's
-safetensors files; its logits, the head's input and the last hidden state's patch tokens (prefix rows dropped by
-their known count) must equal the runner's to 1e-5. Preprocessing must equal the image processor transformers
-uses for the model type, at the model's input size.
+Oracle: the fixture's own class (``make_families.HF_SPECS``) loaded by transformers' ``from_pretrained`` from the
+fixture folder (every key fitting, transformers' own renamings applied); its logits, the head's input and the last
+hidden state's patch tokens (prefix rows dropped by their known count) must equal the runner's to 1e-5.
+Preprocessing must equal the image processor transformers uses for the model type, at the model's input size.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from vitresize.errors import GeometryError, UsageError
+from vitresize.errors import CheckpointFormatError, GeometryError, UsageError
 from vitresize.fidelity.base import Side
 from vitresize.fidelity.lib_hf import build
 from vitresize.fidelity.sides import convert_side, read_side
@@ -226,6 +226,15 @@ def test_uninferrable_weights_raise_one_line(name: str) -> None:
         build(side)
     msg = e.value.cli_message()
     assert "\n" not in msg and "cannot tell the architecture" in msg and "--model" in msg
+
+
+def test_unreadable_config_raises_one_line() -> None:
+    side = _side("hf_vit")
+    assert side.config is not None
+    bad = dataclasses.replace(side, config={**side.config, "model_type": "no_such_type"})
+    with pytest.raises(CheckpointFormatError) as e:
+        build(bad)
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)
 
 
 def test_dinov2_without_config_builds_with_model() -> None:

@@ -105,7 +105,7 @@ def _gates(conv: Scores, ref: Scores, min_agreement: float | None, min_cosine: f
                 value,
                 threshold,
                 value >= threshold,
-                f"{what} {value:.4f} >= reference {base:.4f} - {COSINE_MARGIN}",
+                f"{what} {value:.4f}, needs >= {threshold:.4f} (the reference's {base:.4f} - {COSINE_MARGIN})",
             )
         )
     if conv.top1_agreement is not None and ref.top1_agreement is not None:
@@ -116,7 +116,8 @@ def _gates(conv: Scores, ref: Scores, min_agreement: float | None, min_cosine: f
                 conv.top1_agreement,
                 threshold,
                 conv.top1_agreement >= threshold,
-                f"top-1 agreement {conv.top1_agreement:.1f}% >= reference {ref.top1_agreement:.1f}% - {TOP1_MARGIN}",
+                f"top-1 agreement {conv.top1_agreement:.1f}%, needs >= {threshold:.1f}% (the reference's "
+                f"{ref.top1_agreement:.1f}% - {TOP1_MARGIN:g} points)",
             )
         )
     if min_agreement is not None:
@@ -127,8 +128,8 @@ def _gates(conv: Scores, ref: Scores, min_agreement: float | None, min_cosine: f
                 value,
                 min_agreement,
                 value is not None and value >= min_agreement,
-                f"top-1 agreement {'n/a (no classifier head)' if value is None else f'{value:.1f}%'} "
-                f">= {min_agreement}%",
+                f"top-1 agreement {'n/a (no classifier head)' if value is None else f'{value:.1f}%'}, "
+                f"needs >= {min_agreement:g}% (--min-agreement)",
             )
         )
     if min_cosine is not None:
@@ -138,7 +139,7 @@ def _gates(conv: Scores, ref: Scores, min_agreement: float | None, min_cosine: f
                 conv.cosine_pooled,
                 min_cosine,
                 conv.cosine_pooled >= min_cosine,
-                f"pooled-feature cosine {conv.cosine_pooled:.4f} >= {min_cosine}",
+                f"pooled-feature cosine {conv.cosine_pooled:.4f}, needs >= {min_cosine:g} (--min-cosine)",
             )
         )
     return gates

@@ -3,6 +3,7 @@ photographs that scikit-image ships in its wheel (never downloaded), each whole 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import stat
@@ -135,8 +136,15 @@ def sample_images(limit: int | None = None) -> list[tuple[str, Any]]:
     if spec is None or not spec.submodule_search_locations:
         require("skimage", why="vitresize check without --images (its sample photographs)")
         raise AssertionError("unreachable")  # pragma: no cover
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    images = _samples(Path(next(iter(spec.submodule_search_locations))) / "data")
+    return list(images[:limit] if limit is not None else images)
+
+
+@functools.lru_cache(maxsize=1)
+def _samples(data: Path) -> tuple[tuple[str, Image], ...]:
+    """The decoded photographs, once per process (``check --methods all`` and ``convert --check`` reuse them;
+    nothing modifies them)."""
     images: list[tuple[str, Image]] = []
     for name in SAMPLES:
         images += _quadrants(name, _open_rgb(data / name))
-    return images[:limit] if limit is not None else images
+    return tuple(images)

@@ -68,6 +68,8 @@ def build(side: Side, *, model: str | None = None, device: str = "cpu") -> Runne
         GeometryError: the architecture cannot be told (no config.json and weights that do not say it), or
             transformers cannot build it at this geometry.
         UsageError: ``model`` is not a transformers model class.
+        CheckpointFormatError: transformers cannot read the config.json, or the preprocessor_config.json is not
+            a JSON object.
         MissingDependencyError: transformers is not installed.
     """
     transformers = require("transformers")
