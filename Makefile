@@ -7,7 +7,7 @@ DEMO   := build/demo
 N      ?= 5000
 SEED   ?= 0
 
-.PHONY: install demo test test-slow fuzz bench bench-quick bench-huge lint format fixtures clean
+.PHONY: install demo test test-slow fuzz bench bench-quick bench-huge fidelity fidelity-update lint format fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ bench-quick: install
 # Scale check (not in CI): a sparse ViT-22B-sized (~87 GB) safetensors file, peak RSS must stay flat.
 bench-huge: install
 	$(BIN)/python benchmarks/bench.py --huge
+
+# Accuracy kept without fine-tuning, per method and target (not in CI): trains small ViTs on scikit-learn's digits,
+# converts and evaluates them, and compares with the committed benchmarks/fidelity/ (fidelity-update rewrites it).
+fidelity: install
+	$(BIN)/python benchmarks/fidelity.py
+
+fidelity-update: install
+	$(BIN)/python benchmarks/fidelity.py --update
 
 lint: install
 	$(BIN)/ruff check .

@@ -566,6 +566,9 @@ def test_cli_shows_an_internal_errors_traceback(tmp_path: Path) -> None:
 # -- public names -----------------------------------------------------------------------------------------------------
 
 _PUBLIC = {
+    "check",
+    "CheckReport",
+    "MissingDependencyError",
     "convert",
     "plan",
     "inspect",
@@ -616,6 +619,11 @@ _MODULES = [
     "vitresize.errors",
     "vitresize.plans",
     "vitresize.report",
+    "vitresize.fidelity.check",
+    "vitresize.fidelity.results",
+    "vitresize.fidelity.base",
+    "vitresize.fidelity.metrics",
+    "vitresize.plot",
 ]
 
 

@@ -341,3 +341,27 @@ def test_metrics_nan_free_without_head(tmp_path: Path, photos: Path) -> None:
     assert s is not None and s.top1_agreement is None and s.kl is None
     assert not math.isnan(s.cosine_pooled)
     assert [g.name for g in rep.gates] == ["cosine_pooled vs reference", "cosine_patch vs reference"]
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "target"),
+    [
+        ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 2}, {"img_size": 96, "window": 3}),
+        ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8}, {"img_size": 48}),
+    ],
+)
+def test_other_timm_families_from_their_config(
+    name: str, args: dict[str, Any], target: dict[str, Any], tmp_path: Path, photos: Path
+) -> None:
+    """A timm hub folder names its architecture in config.json: check builds it (Swin, BEiT: relative tables)."""
+    from test_architectures import BEIT, SWIN, _model
+    from timm.models._hub import save_for_hf
+
+    small = {**(SWIN if "swin" in name else BEIT), **args}
+    save_for_hf(_model(name, **small), tmp_path / "src", model_args=small, safe_serialization=True)
+    vitresize.convert(tmp_path / "src", tmp_path / "out", **target)
+    rep = check(tmp_path / "src", tmp_path / "out", images=photos)
+    assert rep.original.architecture.source == "config" and rep.original.architecture.name == name
+    assert rep.ok, rep.gates
+    assert rep.converted.img_size == (target["img_size"],) * 2
+    assert rep.candidates[0].scores == rep.candidates[1].scores

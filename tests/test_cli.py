@@ -301,8 +301,8 @@ def test_completion_of_choices_without_torch() -> None:
 
     methods, families = [m.value for m in Method], [f.value for f in Family]
     for words, expected in [
-        ("vitresize ", ["convert", "inspect"]),
-        ("vitresize --version ", ["convert", "inspect"]),  # the eager --version callback prints nothing here
+        ("vitresize ", ["convert", "inspect", "check"]),
+        ("vitresize --version ", ["convert", "inspect", "check"]),  # the eager --version callback prints nothing here
         ("vitresize convert a.pth b.pth --method ", methods),
         ("vitresize convert a.pth b.pth --method dinov", [m for m in methods if m.startswith("dinov")]),
         ("vitresize inspect a.pth --family hf", [f for f in families if f.startswith("hf")]),

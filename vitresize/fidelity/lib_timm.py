@@ -12,7 +12,7 @@ import io
 import re
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GeometryError
+from ..errors import GeometryError, UsageError
 from .base import Architecture, LoadResult, Outputs, Runner, Side, require, standard_heads, strict_load, strip_prefix
 
 if TYPE_CHECKING:
@@ -134,20 +134,26 @@ def _create(arch: Architecture, side: Side, device: str) -> torch.nn.Module:
     what the name builds, so families whose constructor does not take them still build)."""
     timm = require("timm")
     geometry: dict[str, Any] = {"img_size": _square(side.img_size)}
+    if side.window is not None:
+        geometry["window_size"] = _square(side.window)
+
+    def create(**extra: Any) -> Any:
+        try:
+            return timm.create_model(arch.name, pretrained=False, **{**arch.args, **extra})
+        except TypeError:
+            if "window_size" not in extra:
+                raise
+            extra.pop("window_size")  # a family whose windows follow its image size (its window is not an argument)
+            return timm.create_model(arch.name, pretrained=False, **{**arch.args, **extra})
+
     try:
-        model = timm.create_model(arch.name, pretrained=False, **arch.args, **geometry)
+        model = create(**geometry)
         built = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if built is not None and tuple(built) != tuple(side.patch) and side.embedding.stem is None:
-            geometry["patch_size"] = _square(side.patch)
-        if side.window is not None and getattr(model, "window_size", side.window) != side.window:
-            geometry["window_size"] = _square(side.window)
-        if len(geometry) > 1:
-            model = timm.create_model(arch.name, pretrained=False, **arch.args, **geometry)
+            model = create(**geometry, patch_size=_square(side.patch))
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise GeometryError(
-                f"--model {arch.name!r} is not a timm model name ({e}); see timm.list_models()"
-            ) from None
+            raise UsageError(f"--model {arch.name!r} is not a timm model name; see timm.list_models()") from None
         raise
     ready: torch.nn.Module = model.eval().to(device)
     return ready
