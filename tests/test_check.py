@@ -365,3 +365,45 @@ def test_other_timm_families_from_their_config(
     assert rep.ok, rep.gates
     assert rep.converted.img_size == (target["img_size"],) * 2
     assert rep.candidates[0].scores == rep.candidates[1].scores
+
+
+def _png(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # not blank
+    return im.size
+
+
+def test_plot_of_every_command(positional: Path, tmp_path: Path, run: Any) -> None:
+    result = run("inspect", positional, "--from-img-size", "32x48", "--plot", tmp_path / "inspect.png")
+    assert result.exit_code == 0, result.stderr
+    one = _png(tmp_path / "inspect.png")
+    out = tmp_path / "out.safetensors"
+    result = run(
+        "convert", positional, out, "--from-img-size", "32x48", "--img-size", "48x64", "--plot", tmp_path / "c.png"
+    )
+    assert result.exit_code == 0, result.stderr
+    two = _png(tmp_path / "c.png")
+    assert two[0] > 1.5 * one[0]  # before and after, side by side
+    args = ("--from-img-size", "32x48", "--limit", "4", "--methods", "timm,torchvision")
+    result = run("check", positional, out, *args, "--plot", tmp_path / "check.png")
+    assert result.exit_code == 0, result.stderr
+    bars = _png(tmp_path / "check.png")
+    assert bars[1] > two[1]  # the agreement bars below
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "check.png", "inspect.png", "out.safetensors"]
+
+
+def test_plot_needs_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, run: Any) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = run("inspect", fixture("timm_vit_cls.pth"), "--plot", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "pip install matplotlib" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag", [["--check"], ["--plot", "x.png"]])
+def test_check_and_plot_need_an_output(flag: list[str], tmp_path: Path, run: Any) -> None:
+    result = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", "--img-size", "48", "-n", *flag)
+    assert result.exit_code == 2
+    assert "--dry-run" in result.stderr and result.stderr.count("\n") == 1

@@ -416,6 +416,9 @@ def convert(
     with _errors():
         if json_ and quiet:
             raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
+        if dry_run and (check or plot is not None):
+            flag = "--check" if check else "--plot"
+            raise UsageError(f"{flag} needs the output, which --dry-run does not write; drop one of them")
         target = Target(
             img_size=img_size, patch=patch, grid=grid, window=window, from_img_size=from_img_size, from_grid=from_grid
         )

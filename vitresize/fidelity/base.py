@@ -65,8 +65,10 @@ def require(module: str, *, why: str = "vitresize check") -> Any:
     except ImportError as e:
         top = module.split(".", 1)[0]
         package = {**LIBRARIES, "PIL": "pillow", "skimage": "scikit-image", "matplotlib": "matplotlib"}.get(top, top)
+        extra = {"matplotlib": "plot", "skimage": "check", "PIL": "check"}.get(top)
+        also = f' (or pip install "vitresize[{extra}]")' if extra else ""
         raise MissingDependencyError(
-            f"{why} needs {top}, which is not installed ({e}); install it with: pip install {package}"
+            f"{why} needs {top}, which is not installed ({e}); install it with: pip install {package}{also}"
         ) from None
 
 
