@@ -336,6 +336,11 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(128 + signum) from None
 
 
+def _one_output(*, json_: bool, quiet: bool) -> None:
+    if json_ and quiet:
+        raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
+
+
 def _input_size(src: Path) -> int:
     """Bytes of SRC for the progress bar: a regular file's size, else 0 (the API says what is wrong with it)."""
     try:
@@ -414,8 +419,7 @@ def convert(
 ) -> None:
     """Resample the position embedding (and patch kernel) of SRC to a new size and write DST."""
     with _errors():
-        if json_ and quiet:
-            raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
+        _one_output(json_=json_, quiet=quiet)
         if dry_run and (check or plot is not None):
             flag = "--check" if check else "--plot"
             raise UsageError(f"{flag} needs the output, which --dry-run does not write; drop one of them")
@@ -618,8 +622,7 @@ def check(
 ) -> None:
     """Prove that CONVERTED still works: build both with their library, load strictly, compare on images."""
     with _errors():
-        if json_ and quiet:
-            raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
+        _one_output(json_=json_, quiet=quiet)
         from .fidelity.check import check as run_check
 
         chosen: str | list[str] = methods if methods in ("default", "all") else [m.strip() for m in methods.split(",")]

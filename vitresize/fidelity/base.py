@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ __all__ = [
     "Runner",
     "Side",
     "library_of",
+    "on_grid",
     "require",
     "standard_heads",
     "strict_load",
@@ -175,6 +177,26 @@ class Outputs:
     pooled: torch.Tensor
     patches: torch.Tensor
 
+    @classmethod
+    def of(cls, logits: torch.Tensor | None, pooled: torch.Tensor, patches: torch.Tensor) -> Outputs:
+        """The outputs as float32 on the CPU, wherever the model ran."""
+        return cls(None if logits is None else logits.float().cpu(), pooled.float().cpu(), patches.float().cpu())
+
+
+def on_grid(tokens: torch.Tensor, grid: Size) -> torch.Tensor:
+    """The last ``H*W`` of ``[N, L, D]`` tokens (prefix tokens come first in every library) as ``[N, H, W, D]``;
+    for a hierarchical model (Swin), whose last stage has fewer tokens, on that stage's grid (halved, rounded up,
+    per merge)."""
+    n, length, d = tokens.shape
+    h, w = grid
+    while h * w > length and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w > length:
+        from ..errors import InternalError
+
+        raise InternalError(f"{length} tokens do not hold the {grid[0]}x{grid[1]} grid")
+    return tokens[:, length - h * w :].reshape(n, h, w, d)
+
 
 class Runner(ABC):
     """A library's model built for one :class:`Side`, its state dict loaded, in eval mode on ``device``."""
@@ -183,11 +205,13 @@ class Runner(ABC):
     load: LoadResult
     input_size: Size
     """The image size the model takes, ``(height, width)``."""
+    transform: Callable[[Image], torch.Tensor]
+    """The library's eval transform (used by the default :meth:`preprocess`)."""
 
-    @abstractmethod
     def preprocess(self, image: Image) -> torch.Tensor:
         """An RGB PIL image to the model's input ``[3, H, W]``, as the library's own eval transform does it
         (resize, centre crop, normalize)."""
+        return self.transform(image)
 
     @abstractmethod
     def forward(self, batch: torch.Tensor) -> Outputs:

@@ -17,7 +17,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointFormatError, GeometryError, UsageError, param
-from .base import Architecture, LoadResult, Outputs, Runner, Side, require, standard_heads, strict_load, strip_prefix
+from .base import (
+    Architecture,
+    LoadResult,
+    Outputs,
+    Runner,
+    Side,
+    on_grid,
+    require,
+    standard_heads,
+    strict_load,
+    strip_prefix,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -419,10 +430,7 @@ class _HFRunner(Runner):
         with torch.inference_mode():
             x = batch.to(device=self.device, dtype=torch.float32)
             logits, pooled, hidden = self._run(x)
-            patches = _on_grid(hidden, self.grid)
-            return Outputs(
-                logits.float().cpu() if logits is not None else None, pooled.float().cpu(), patches.float().cpu()
-            )
+            return Outputs.of(logits, pooled, on_grid(hidden, self.grid))
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``(logits, pooled, last_hidden_state)`` of one batch."""
@@ -462,17 +470,3 @@ def _hooked(module: Any, call: Callable[[], Any]) -> tuple[Any, Any]:
     finally:
         handle.remove()
     return (seen[0] if seen else None), result
-
-
-def _on_grid(hidden: torch.Tensor, grid: Size) -> torch.Tensor:
-    """The last ``H*W`` tokens as ``[N, H, W, D]``; for a hierarchical model (Swin), whose last stage has fewer
-    tokens, on that stage's grid (halved, rounded up, per merge)."""
-    n, length, d = hidden.shape
-    h, w = grid
-    while h * w > length and (h > 1 or w > 1):
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w > length:
-        from ..errors import InternalError
-
-        raise InternalError(f"{length} tokens do not hold the {grid[0]}x{grid[1]} grid")
-    return hidden[:, length - h * w :].reshape(n, h, w, d)

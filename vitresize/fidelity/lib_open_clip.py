@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GeometryError, UsageError
-from .base import Architecture, Outputs, Runner, Side, require, standard_heads, strict_load, strip_prefix
+from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strict_load, strip_prefix
 
 if TYPE_CHECKING:
     import torch
-    from PIL.Image import Image
 
     from ..resample.geometry import Size
 
@@ -146,10 +145,6 @@ class _OpenClipRunner(Runner):
     def _keep(self, module: Any, args: Any, out: torch.Tensor) -> None:
         self._last = out
 
-    def preprocess(self, image: Image) -> torch.Tensor:
-        out: torch.Tensor = self.transform(image)
-        return out
-
     def forward(self, batch: torch.Tensor) -> Outputs:
         import torch
 
@@ -157,9 +152,7 @@ class _OpenClipRunner(Runner):
             pooled, tokens = self.model(batch.to(self.device))
             if self._last is not None:  # an attentional pooler: the last block's tokens
                 tokens, self._last = self._last, None
-            h, w = self.grid
-            patches = tokens[:, -h * w :].reshape(tokens.shape[0], h, w, tokens.shape[-1])
-        return Outputs(None, pooled.float().cpu(), patches.float().cpu())
+        return Outputs.of(None, pooled, on_grid(tokens, self.grid))
 
 
 def build(side: Side, *, model: str | None = None, device: str = "cpu") -> Runner:

@@ -13,11 +13,21 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GeometryError, UsageError
-from .base import Architecture, LoadResult, Outputs, Runner, Side, require, standard_heads, strict_load, strip_prefix
+from .base import (
+    Architecture,
+    LoadResult,
+    Outputs,
+    Runner,
+    Side,
+    on_grid,
+    require,
+    standard_heads,
+    strict_load,
+    strip_prefix,
+)
 
 if TYPE_CHECKING:
     import torch
-    from PIL.Image import Image
 
     from ..resample.geometry import Size
 
@@ -203,10 +213,6 @@ class TimmRunner(Runner):
             return LoadResult(mismatched=(str(e).splitlines()[0],))
         return LoadResult()
 
-    def preprocess(self, image: Image) -> torch.Tensor:
-        out: torch.Tensor = self.transform(image)
-        return out
-
     def forward(self, batch: torch.Tensor) -> Outputs:
         import torch
 
@@ -215,13 +221,12 @@ class TimmRunner(Runner):
             pooled = self.model.forward_head(feats, pre_logits=True)
             logits = self.model.forward_head(feats) if getattr(self.model, "num_classes", 0) else None
             if feats.ndim == 3:
-                h, w = self.grid
-                patches = feats[:, -h * w :].reshape(feats.shape[0], h, w, feats.shape[-1])
+                patches = on_grid(feats, self.grid)
             elif feats.shape[-1] == pooled.shape[-1]:  # NHWC (Swin, ...)
                 patches = feats
             else:  # NCHW
                 patches = feats.permute(0, 2, 3, 1)
-        return Outputs(None if logits is None else logits.float().cpu(), pooled.float().cpu(), patches.float().cpu())
+        return Outputs.of(logits, pooled, patches)
 
 
 def _fit_head(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

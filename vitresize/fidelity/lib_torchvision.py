@@ -14,11 +14,10 @@ import re
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GeometryError, InternalError, UsageError
-from .base import Architecture, Outputs, Runner, Side, require, standard_heads, strict_load, strip_prefix
+from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strict_load, strip_prefix
 
 if TYPE_CHECKING:
     import torch
-    from PIL.Image import Image
 
 __all__ = ["build"]
 
@@ -147,10 +146,6 @@ class _TorchvisionRunner(Runner):
     def _keep(self, module: Any, args: Any, out: torch.Tensor) -> None:
         self._tokens = out
 
-    def preprocess(self, image: Image) -> torch.Tensor:
-        out: torch.Tensor = self.transform(image)
-        return out
-
     def forward(self, batch: torch.Tensor) -> Outputs:
         import torch
 
@@ -159,11 +154,8 @@ class _TorchvisionRunner(Runner):
             tokens, self._tokens = self._tokens, None
             if tokens is None:
                 raise InternalError("torchvision's encoder hook did not run in the forward pass")
-            h, w = self.grid
-            pooled = tokens[:, 0]
-            patches = tokens[:, -h * w :].reshape(tokens.shape[0], h, w, tokens.shape[-1])
         has_head = "num_classes" in self.architecture.args
-        return Outputs(logits.float().cpu() if has_head else None, pooled.float().cpu(), patches.float().cpu())
+        return Outputs.of(logits if has_head else None, tokens[:, 0], on_grid(tokens, self.grid))
 
 
 def build(side: Side, *, model: str | None = None, device: str = "cpu") -> Runner:
