@@ -48,7 +48,7 @@ SRC_IMG = 32
 SRC_PATCH = 4
 ARCH: dict[str, Any] = {"embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
 TRAIN: dict[str, Any] = {
-    "epochs": 20,
+    "epochs": 15,
     "batch_size": 32,
     "lr": 1e-3,
     "weight_decay": 0.05,
@@ -307,7 +307,8 @@ class Evaluator:
 def _stats(per_seed: dict[str, float]) -> dict[str, Any]:
     vals = list(per_seed.values())
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {"per_seed": per_seed, "mean": round(statistics.fmean(vals), 3), "std": round(std, 3)}
+    rounded = {k: round(v, 3) for k, v in per_seed.items()}
+    return {"per_seed": rounded, "mean": round(statistics.fmean(vals), 3), "std": round(std, 3)}
 
 
 def collect(

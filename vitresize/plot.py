@@ -6,7 +6,8 @@ method agrees with the original). Its rows:
 
 * position-embedding similarity, as in the ViT paper (Dosovitskiy et al. 2021, fig. 7 centre): for each grid
   position (i, j), the cosine similarity of its table row to every row, as a small HxW map, tiled as an HxW
-  mosaic (at most 8x8 positions, sampled evenly, on grids over 8x8), on one colour bar fixed at -1..1;
+  mosaic (at most 8x8 positions, sampled evenly, on grids over 8x8), on one colour bar shared by the columns
+  (from the lowest similarity, rounded down to a tenth, to 1);
 * the patch kernel's filters: for RGB kernels the first 28 principal components of the flattened filters (fig. 7
   left), each a kh x kw RGB image normalised to [0, 1]; for other channel counts the first 28 filters' channel
   mean, in grey.
@@ -369,6 +370,7 @@ def _draw_pictures(
     tiles: Sequence[_Tiles | None],
 ) -> None:
     images, table_axes = [], []
+    low = _shared_low(mosaics)
     for col, _picture in enumerate(pictures):
         head = fig.add_subplot(grid[0, col])
         head.axis("off")
@@ -378,7 +380,7 @@ def _draw_pictures(
         if mosaic is None:
             _draw_missing(ax, NO_TABLE if pictures[col].table is None else "empty position table")
         else:
-            images.append(_draw_table(ax, mosaic))
+            images.append(_draw_table(ax, mosaic, low))
             table_axes.append(ax)
         ax = fig.add_subplot(grid[2, col])
         kernel = tiles[col]
@@ -388,7 +390,8 @@ def _draw_pictures(
             _draw_kernel(ax, kernel, pictures[col].kernel)
     if images:
         bar = fig.colorbar(images[0], ax=table_axes, shrink=0.85, aspect=25, pad=0.02)
-        bar.set_label("cosine similarity (fixed scale -1 to 1)", fontsize=9)
+        shared = " (one scale for the columns)" if len(images) > 1 else ""
+        bar.set_label(f"cosine similarity{shared}", fontsize=9)
         bar.ax.tick_params(labelsize=8)
 
 
@@ -401,12 +404,24 @@ def _draw_missing(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=11, color="#555555", transform=ax.transAxes)
 
 
-def _draw_table(ax: Any, m: _Mosaic) -> Any:
+def _shared_low(mosaics: Sequence[_Mosaic | None]) -> float:
+    """The colour scale's low end, shared by the columns so that before and after compare: the lowest finite
+    similarity, rounded down to a tenth (a learned table's similarities are mostly positive: a fixed -1..1
+    scale would flatten its structure), -1 at the lowest."""
+    import numpy as np
+
+    lows = [float(np.nanmin(m.image)) for m in mosaics if m is not None and np.isfinite(m.image).any()]
+    if not lows:
+        return -1.0
+    return max(-1.0, min(0.9, math.floor(min(lows) * 10) / 10))
+
+
+def _draw_table(ax: Any, m: _Mosaic, low: float = -1.0) -> Any:
     """The similarity mosaic, with the sampled positions on its axes; returns the image for the colour bar."""
     import numpy as np
 
     h, w = m.grid
-    image = ax.imshow(m.image, cmap="viridis", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    image = ax.imshow(m.image, cmap="viridis", vmin=low, vmax=1.0, interpolation="nearest")
     if m.invalid.any():
         overlay = np.zeros((*m.invalid.shape, 4))
         overlay[m.invalid] = INVALID_GREY
