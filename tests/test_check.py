@@ -160,11 +160,22 @@ def test_default_gates_pass_the_right_conversion(positional: Path, tmp_path: Pat
 
 def test_absolute_gates(positional: Path, tmp_path: Path, run: Any) -> None:
     good = _broken("good", positional, tmp_path)
-    rep = check(positional, good, from_img_size="32x48", limit=8, min_agreement=101, min_cosine=-1)
-    assert [g.name for g in rep.gates if not g.ok] == ["min_agreement"]
-    result = run("check", positional, good, "--from-img-size", "32x48", "--limit", "8", "--min-cosine", "1.5")
+    rep = check(positional, good, from_img_size="32x48", limit=8, min_agreement=90, min_cosine=0.9)
+    assert rep.ok and {g.name for g in rep.gates} >= {"min_agreement", "min_cosine"}
+    bad = _broken("prefix rows shifted", positional, tmp_path)
+    rep = check(positional, bad, from_img_size="32x48", limit=8, min_agreement=90, min_cosine=0.9)
+    assert {"min_agreement", "min_cosine"} <= {g.name for g in rep.gates if not g.ok}
+    result = run("check", positional, good, "--from-img-size", "32x48", "--limit", "8", "--min-cosine", "0.99999999")
     assert result.exit_code == 1
     assert "pooled-feature cosine" in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--min-agreement", "101"), ("--min-cosine", "nan"), ("--limit", "0")])
+def test_gates_out_of_range_are_usage_errors(flag: str, value: str, run: Any) -> None:
+    src = fixture("timm_vit_cls.pth")
+    result = run("check", src, src, flag, value)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and flag in result.stderr
 
 
 def test_methods_all_ranks_every_method(positional: Path, tmp_path: Path) -> None:
@@ -407,3 +418,126 @@ def test_check_and_plot_need_an_output(flag: list[str], tmp_path: Path, run: Any
     result = run("convert", fixture("timm_vit_cls.pth"), tmp_path / "o.safetensors", "--img-size", "48", "-n", *flag)
     assert result.exit_code == 2
     assert "--dry-run" in result.stderr and result.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ found by review
+
+
+def test_a_broken_head_fails(tmp_path: Path, photos: Path, run: Any) -> None:
+    src = fixture("timm_vit_cls.pth")
+    dst = tmp_path / "out.safetensors"
+    vitresize.convert(src, dst, img_size=48)
+    sd = load_file(str(dst))
+    del sd["head.weight"], sd["head.bias"]
+    save_file(sd, str(tmp_path / "headless.safetensors"), metadata={"vitresize.new_grid": "6x6"})
+    result = run("check", src, tmp_path / "headless.safetensors", "--images", photos, "--json")
+    assert result.exit_code == 1  # built as the original (10 classes), it does not load
+    assert json.loads(result.stdout)["converted"]["load"]["missing"] == ["head.weight", "head.bias"]
+    rep = check(fixture("torchvision_vit.pth"), fixture("torchvision_vit.pth"), images=photos)
+    assert rep.ok and "classifier head" not in {g.name for g in rep.gates}
+
+
+def test_non_square_torch_output_of_vitresize(tmp_path: Path, photos: Path, run: Any) -> None:
+    """A non-square .pth states no grid: 4x6 + 1 rows also read as a 5x5 grid without a class row."""
+    src = fixture("timm_vit_cls.pth")
+    out = tmp_path / "out.pth"
+    result = run("convert", src, out, "--img-size", "32x48", "--check", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["check"]["converted"]["grid"] == [4, 6]
+    result = run("check", src, out, "--images", photos)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "--img-size" in result.stderr and "prefix row" in result.stderr
+    result = run("check", src, out, "--images", photos, "--img-size", "32x48")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_converted_is_built_as_the_original(tmp_path: Path, photos: Path) -> None:
+    """A JAX .npz (2 heads, read from its query kernel) against timm's own conversion of it, a bare .pth whose
+    head count would be guessed (1): CONVERTED is built with the original's architecture."""
+    import timm
+    from timm.models.vision_transformer import _load_weights
+
+    model = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, img_size=48, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+        mlp_ratio=2.0, num_classes=10, qkv_bias=True,
+    )  # fmt: skip
+    _load_weights(model, str(fixture("families/vit_jax.npz")))  # timm resamples the table itself (bilinear)
+    torch.save(model.state_dict(), tmp_path / "timm48.pth")
+    rep = check(fixture("families/vit_jax.npz"), tmp_path / "timm48.pth", images=photos)
+    assert rep.original.architecture.args["num_heads"] == 2
+    assert rep.converted.architecture == rep.original.architecture
+    assert rep.ok  # bilinear (timm's JAX loader) vs the reference's convention: close enough
+
+
+def test_stale_config_in_a_converted_folder(tmp_path: Path, photos: Path) -> None:
+    import shutil
+
+    src = fixture("families/hf_vit")
+    vitresize.convert(src, tmp_path / "out", img_size=48)
+    shutil.copy(src / "config.json", tmp_path / "out" / "config.json")  # says 32 px: transformers would fail
+    rep = check(src, tmp_path / "out", images=photos)
+    assert not rep.ok and not rep.converted.load.ok
+    assert any("config.json: image size 32x32" in m for m in rep.converted.load.mismatched)
+
+
+def test_library_that_cannot_run_the_geometry(tmp_path: Path, photos: Path, run: Any) -> None:
+    src = fixture("families/hf_dinov2")
+    vitresize.convert(src, tmp_path / "out", img_size="28x42")
+    result = run("check", src, tmp_path / "out", "--images", photos)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "transformers cannot run" in result.stderr
+
+
+@pytest.mark.parametrize("device", ["tpu", "CPU"])
+def test_device_spelling(device: str, run: Any) -> None:
+    src = fixture("timm_vit_cls.pth")
+    result = run("check", src, src, "--device", device)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+
+
+def test_a_bad_plot_is_refused_before_anything_is_written(tmp_path: Path, run: Any) -> None:
+    out = tmp_path / "out.safetensors"
+    result = run("convert", fixture("timm_vit_cls.pth"), out, "--img-size", "48", "--plot", tmp_path / "c.jpg")
+    assert result.exit_code == 2 and ".png" in result.stderr
+    assert not out.exists()
+    result = run("check", fixture("timm_vit_cls.pth"), fixture("timm_vit_cls.pth"), "--plot", tmp_path / "no" / "c.png")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_images_are_shrunk_and_bombs_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image as PILImage
+
+    from vitresize.fidelity.images import folder_images
+
+    Image.new("RGB", (2000, 1000), (200, 10, 10)).save(tmp_path / "big.png")
+    Image.new("RGB", (300, 300), (10, 10, 200)).save(tmp_path / "bomb.png")
+    (tmp_path / ".hidden.png").write_bytes((tmp_path / "big.png").read_bytes())
+    Image.new("RGB", (100, 100), (10, 200, 10)).save(tmp_path / "small.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 60_000)  # bomb.png (90,000 px) warns; big.png errors
+    images, skipped = folder_images(tmp_path, max_side=64)
+    assert [n for n, _ in images] == ["small.png"]
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert set(reasons) == {"big.png", "bomb.png", ".hidden.png"}
+    assert "decompression bomb" in reasons["bomb.png"]
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000_000)
+    images, _ = folder_images(tmp_path, max_side=64)
+    assert [(n, im.size) for n, im in images] == [
+        ("big.png", (64, 32)),
+        ("bomb.png", (64, 64)),
+        ("small.png", (64, 64)),
+    ]
+
+
+def test_other_timm_family_without_config(tmp_path: Path, run: Any) -> None:
+    from test_architectures import BEIT, _model
+
+    torch.save(_model("beit_base_patch16_224", img_size=32, patch_size=8, **BEIT).state_dict(), tmp_path / "b.pth")
+    result = run("check", tmp_path / "b.pth", tmp_path / "b.pth", "--limit", "1")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "--model NAME" in result.stderr
+
+
+def test_methods_as_one_string(positional: Path, tmp_path: Path) -> None:
+    good = _broken("good", positional, tmp_path)
+    rep = check(positional, good, from_img_size="32x48", limit=2, methods="timm, torchvision,timm")
+    assert sorted(c.name for c in rep.candidates[2:]) == ["timm", "torchvision"]

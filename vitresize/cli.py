@@ -159,6 +159,7 @@ AUTO, NATIVE, PI = Family("auto"), Method("native"), PatchMethod("pi")
 
 GEOM = "Target geometry"
 SRC_GEOM = "Source geometry (when the checkpoint cannot tell)"
+CHECK_GEOM = "CONVERTED's geometry (when its weights cannot tell)"
 CONV = "Resampling"
 OUT = "Output"
 
@@ -336,6 +337,14 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(128 + signum) from None
 
 
+def _plot_destination(plot: Path | None) -> None:
+    """A bad ``--plot`` (suffix, folder, matplotlib missing) is refused before any work or any output."""
+    if plot is not None:
+        from .plot import check_destination
+
+        check_destination(plot)
+
+
 def _one_output(*, json_: bool, quiet: bool) -> None:
     if json_ and quiet:
         raise UsageError("--json and -q/--quiet contradict each other (one JSON object, or nothing); drop one")
@@ -423,6 +432,7 @@ def convert(
         if dry_run and (check or plot is not None):
             flag = "--check" if check else "--plot"
             raise UsageError(f"{flag} needs the output, which --dry-run does not write; drop one of them")
+        _plot_destination(plot)
         target = Target(
             img_size=img_size, patch=patch, grid=grid, window=window, from_img_size=from_img_size, from_grid=from_grid
         )
@@ -450,25 +460,37 @@ def convert(
                 fsync=fsync,
                 progress=bar,
             )
-        checked = None
+        checked, check_error = None, None
         if check and not dry_run:
             from .fidelity.check import check as run_check
 
-            with _render.count_progress("checking", enabled=not (json_ or quiet)) as bar:
-                checked = run_check(
-                    src, dst, family=family.value, from_img_size=from_img_size, device=device, progress=bar
-                )
+            try:
+                with _render.count_progress("checking", enabled=not (json_ or quiet)) as bar:
+                    checked = run_check(
+                        src,
+                        dst,
+                        family=family.value,
+                        from_img_size=from_img_size,
+                        from_grid=from_grid,
+                        grid=rep.plan.models[0].target.grid,
+                        device=device,
+                        progress=bar,
+                    )
+            except VitresizeError as e:
+                check_error = e
         if plot is not None and not dry_run:
             from .fidelity.pictures import plot_check, plot_checkpoints
 
             if checked is not None:
-                plot_check(plot, checked, family=family.value, from_img_size=from_img_size)
+                plot_check(plot, checked, family=family.value)
             else:
+                m = rep.plan.models[0]
                 plot_checkpoints(
                     plot,
                     [("before", src), ("after", dst)],
                     title=f"vitresize convert: {src.name} -> {dst.name}",
                     family=family.value,
+                    from_grid=m.source.grid if m.embedding.grid_known else None,
                 )
         with _output(product=dry_run, written=dst):
             if json_:
@@ -490,6 +512,9 @@ def convert(
                 )
             if checked is not None:
                 _check_messages(checked)
+        if check_error is not None:
+            _render.error(f"wrote {dst}, but the check could not run: {check_error.cli_message()}")
+            raise typer.Exit(1)
         if checked is not None and not checked.ok:
             _render.error(f"wrote {dst}, but it does not pass the check: {_failure(checked)}")
             raise typer.Exit(1)
@@ -515,6 +540,7 @@ def inspect(
     with _errors():
         from . import api
 
+        _plot_destination(plot)
         ins = api.inspect(src, family=family.value, from_img_size=from_img_size, from_grid=from_grid)
         if plot is not None:
             from .fidelity.pictures import plot_checkpoints
@@ -525,6 +551,7 @@ def inspect(
                 title=f"vitresize inspect: {src.name}",
                 family=family.value,
                 from_img_size=from_img_size,
+                from_grid=from_grid,
             )
         with _output(product=True):
             if json_:
@@ -614,6 +641,14 @@ def check(
     ] = None,
     family: FamilyOpt = AUTO,
     from_img_size: FromImgOpt = None,
+    from_grid: FromGridOpt = None,
+    img_size: Annotated[
+        str | None,
+        _size("--img-size", "N|HxW", "CONVERTED's image size, where its weights cannot tell it.", CHECK_GEOM),
+    ] = None,
+    grid: Annotated[
+        str | None, _size("--grid", "HxW", "CONVERTED's patch grid, instead of --img-size.", CHECK_GEOM)
+    ] = None,
     device: DeviceOpt = "cpu",
     plot: PlotOpt = None,
     json_: JsonOpt = False,
@@ -623,9 +658,9 @@ def check(
     """Prove that CONVERTED still works: build both with their library, load strictly, compare on images."""
     with _errors():
         _one_output(json_=json_, quiet=quiet)
+        _plot_destination(plot)
         from .fidelity.check import check as run_check
 
-        chosen: str | list[str] = methods if methods in ("default", "all") else [m.strip() for m in methods.split(",")]
         with _render.count_progress("checking", enabled=not (json_ or quiet)) as bar:
             rep = run_check(
                 original,
@@ -633,18 +668,21 @@ def check(
                 model=model,
                 images=images,
                 limit=limit,
-                methods=chosen,
+                methods=methods,
                 device=device,
                 min_agreement=min_agreement,
                 min_cosine=min_cosine,
                 family=family.value,
                 from_img_size=from_img_size,
+                from_grid=from_grid,
+                img_size=img_size,
+                grid=grid,
                 progress=bar,
             )
         if plot is not None:
             from .fidelity.pictures import plot_check
 
-            plot_check(plot, rep, family=family.value, from_img_size=from_img_size)
+            plot_check(plot, rep, family=family.value)
         with _output(product=True):
             if json_:
                 _render.json_out(rep.to_dict())

@@ -36,7 +36,13 @@ if TYPE_CHECKING:
     Array = npt.NDArray[Any]
     Floats = npt.NDArray[np.float64]
 
-__all__ = ["SUFFIXES", "Bars", "Picture", "draw"]
+__all__ = [
+    "SUFFIXES",
+    "Bars",
+    "Picture",
+    "check_destination",
+    "draw",
+]
 
 SUFFIXES = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 """Output suffix (lower case) -> the format matplotlib writes."""
@@ -110,6 +116,19 @@ def draw(out: Path, pictures: Sequence[Picture], *, title: str, bars: Bars | Non
     fig = _figure(figure_cls, pictures, title, bars)
     canvas_cls(fig)
     _save(fig, out, fmt)
+
+
+def check_destination(out: Path) -> None:
+    """What :func:`draw` would refuse about ``out`` before anything is drawn (a suffix, a folder, matplotlib
+    missing): commands check it first, so that a bad ``--plot`` costs nothing and leaves nothing behind.
+
+    Raises:
+        UsageError: an unsupported suffix or a missing folder.
+        MissingDependencyError: matplotlib is not installed.
+    """
+    _format_of(out)
+    _check_folder(out)
+    _matplotlib()
 
 
 # ----------------------------------------------------------------------------------------------- checks

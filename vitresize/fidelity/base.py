@@ -93,6 +93,9 @@ class Side:
     patch: Size
     grid: Size
     window: Size | None = None
+    config_img_size: Size | None = None
+    """The image size the config.json states (``None``: no config, or it states none)."""
+    config_patch: Size | None = None
 
     @property
     def family(self) -> str:
@@ -133,6 +136,15 @@ class Architecture:
             "source": self.source,
             "note": self.note,
         }
+
+
+def _jsonable(v: Any) -> Any:
+    """An argument as JSON: scalars and lists (of lists) of scalars as they are, anything else as its repr."""
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return repr(v)
 
 
 @dataclass(frozen=True)

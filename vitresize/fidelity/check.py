@@ -12,18 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..api import _check_device
-from ..errors import UsageError, VitresizeError, param
+from ..errors import GeometryError, UsageError, VitresizeError, param
 from ..options import Options, Target
 from ..resample.conventions import METHODS
 from ..resample.geometry import format_size
-from .base import Outputs, Runner, Side, library_of, require
+from .base import Architecture, LoadResult, Outputs, Runner, Side, library_of, require
 from .images import Skipped, folder_images, sample_images
 from .metrics import ImageScores, Scores, aggregate, compare
 from .results import COSINE_MARGIN, TOP1_MARGIN, Candidate, CheckReport, Gate, SideReport
 from .sides import convert_side, read_side
 
 if TYPE_CHECKING:
-    from ..options import Family
+    from ..options import Family, SizeLike
 
 __all__ = ["RUNNERS", "check"]
 
@@ -38,10 +38,15 @@ RUNNERS = {
 BATCH = 16
 
 
-def _runner(side: Side, model: str | None, device: str) -> Runner:
+def _runner(side: Side, model: str | None, device: str, like: Architecture | None = None) -> Runner:
+    """The library's model for ``side``; ``like``: the original's architecture, which timm's runner builds again
+    at the side's geometry (so that a guessed head count, or a config on one side only, cannot make the two
+    differ)."""
     library = library_of(side.family)
-    require(library if library != "open_clip" else "open_clip")
+    require(library)
     build: Callable[..., Runner] = importlib.import_module(RUNNERS[library]).build
+    if library == "timm" and like is not None and model is None:
+        return build(side, device=device, like=like)
     return build(side, model=model, device=device)
 
 
@@ -67,29 +72,41 @@ def _target_of(original: Side, converted: Side) -> Target:
     return Target(grid=converted.grid, patch=patch, window=window)
 
 
-def _outputs(runner: Runner, batches: Sequence[Sequence[Any]], tick: Callable[[int], None]) -> list[Outputs]:
+def _run(runner: Runner, side: Side, batch: Sequence[Any]) -> Outputs:
+    """One batch through the model; the library failing to run it is one line (exit 1), not a traceback."""
     import torch
 
+    try:
+        return runner.forward(torch.stack([runner.preprocess(im) for im in batch]))
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GeometryError(
+            f"{runner.architecture.library} cannot run {side.path} at image size {format_size(side.img_size)} "
+            f"({first}); the library does not support this geometry for {runner.architecture.name}"
+        ) from None
+
+
+def _outputs(
+    runner: Runner, side: Side, batches: Sequence[Sequence[Any]], tick: Callable[[int], None]
+) -> list[Outputs]:
     out = []
     for batch in batches:
-        out.append(runner.forward(torch.stack([runner.preprocess(im) for im in batch])))
+        out.append(_run(runner, side, batch))
         tick(len(batch))
     return out
 
 
 def _score(
     runner: Runner,
+    side: Side,
     names: Sequence[Sequence[str]],
     batches: Sequence[Sequence[Any]],
     reference: Sequence[Outputs],
     tick: Callable[[int], None],
 ) -> list[ImageScores]:
-    import torch
-
     scores: list[ImageScores] = []
     for n, batch, ref in zip(names, batches, reference, strict=True):
-        out = runner.forward(torch.stack([runner.preprocess(im) for im in batch]))
-        scores += compare(n, ref, out)
+        scores += compare(n, ref, _run(runner, side, batch))
         tick(len(batch))
     return scores
 
@@ -145,19 +162,64 @@ def _gates(conv: Scores, ref: Scores, min_agreement: float | None, min_cosine: f
     return gates
 
 
-def _methods(chosen: str | Sequence[str], patch_changes: bool) -> list[tuple[str, str]]:
-    """``(method, patch_method)`` pairs to compare: ``"all"`` is every method (and both patch methods where the
-    patch changes), ``"default"`` none beyond the reference."""
-    if chosen == "default":
-        return []
-    names = list(METHODS) if chosen == "all" else list(chosen)
+def _methods(chosen: str | Sequence[str]) -> Callable[[bool], list[tuple[str, str]]]:
+    """The ``(method, patch_method)`` pairs to compare, once it is known whether the patch changes: ``"all"`` is
+    every method (and the kernel interpolated without PI where the patch changes), ``"default"`` none beyond
+    the reference; names may come as a list or as one comma-separated string.
+
+    Raises:
+        UsageError: a name that is not a method.
+    """
+    if isinstance(chosen, str):
+        chosen = [n.strip() for n in chosen.split(",") if n.strip()]
+    everything = "all" in chosen
+    names = list(METHODS) if everything else list(dict.fromkeys(n for n in chosen if n != "default"))
     for n in names:
-        if n not in METHODS and n != "native":
-            raise UsageError(f"{param('methods')} {n!r} is not a method; choose from all, {', '.join(METHODS)}")
-    pairs = [(n, "pi") for n in names]
-    if patch_changes:
-        pairs += [("native", "interp")]
+        if n not in METHODS:
+            raise UsageError(
+                f"{param('methods')} {n!r} is not a method; give default, all, or names of: {', '.join(METHODS)}"
+            )
+
+    def pairs(patch_changes: bool) -> list[tuple[str, str]]:
+        return [(n, "pi") for n in names] + ([("native", "interp")] if everything and patch_changes else [])
+
     return pairs
+
+
+def _check_gates(limit: int | None, min_agreement: float | None, min_cosine: float | None) -> None:
+    if limit is not None and limit < 1:
+        raise UsageError(f"{param('limit')} must be at least 1, not {limit}")
+    if min_agreement is not None and not 0 <= min_agreement <= 100:
+        raise UsageError(f"{param('min_agreement')} is a percentage (0 to 100), not {min_agreement}")
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise UsageError(f"{param('min_cosine')} is a cosine similarity (-1 to 1), not {min_cosine}")
+
+
+def _differs(a: Architecture, b: Architecture) -> bool:
+    return (a.library, a.name, a.args) != (b.library, b.name, b.args)
+
+
+def _config_agrees(side: Side, load: LoadResult) -> LoadResult:
+    """``load``, with the config.json's geometry added as mismatched where it contradicts the weights (the
+    library would build the model the config says, and fail to load them)."""
+    said = []
+    if side.config_img_size is not None and side.config_img_size != side.img_size:
+        said.append(
+            f"config.json: image size {format_size(side.config_img_size)} vs the weights' {format_size(side.img_size)}"
+        )
+    if side.config_patch is not None and side.config_patch != side.patch and side.embedding.stem is None:
+        said.append(f"config.json: patch {format_size(side.config_patch)} vs the weights' {format_size(side.patch)}")
+    return dataclasses.replace(load, mismatched=(*load.mismatched, *said)) if said else load
+
+
+def _head_gate(classes: int) -> Gate:
+    return Gate(
+        "classifier head",
+        None,
+        float(classes),
+        False,
+        f"CONVERTED has no classifier head of the original's {classes} classes (a head of another size, or none)",
+    )
 
 
 def _rank_key(c: Candidate) -> tuple[float, float, float]:
@@ -179,7 +241,10 @@ def check(
     min_agreement: float | None = None,
     min_cosine: float | None = None,
     family: Family = "auto",
-    from_img_size: str | None = None,
+    from_img_size: SizeLike | None = None,
+    from_grid: SizeLike | None = None,
+    img_size: SizeLike | None = None,
+    grid: SizeLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
     """Prove that ``converted`` still works: build both with their library, load both strictly, and compare
@@ -192,12 +257,16 @@ def check(
             when neither a config.json nor the weights tell the architecture.
         images: a folder of images (recursively, any format Pillow reads); default: scikit-image's photographs.
         limit: use at most this many images.
-        methods: ``"default"`` (the reference only), ``"all"`` (every method, ranked), or method names.
+        methods: ``"default"`` (the reference only), ``"all"`` (every method, ranked), or method names (a
+            list, or one comma-separated string).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         min_agreement: an absolute gate on the top-1 agreement, in percent.
         min_cosine: an absolute gate on the pooled-feature cosine similarity.
         family: the checkpoints' family (``auto``: from the key names).
         from_img_size: the original's image size, where its weights cannot tell it.
+        from_grid: the original's patch grid, instead of ``from_img_size``.
+        img_size: CONVERTED's image size, where its weights cannot tell it (a non-square ``.pth``).
+        grid: CONVERTED's patch grid, instead of ``img_size``.
         progress: called as ``progress(images_done, images_total)``.
 
     Returns:
@@ -208,25 +277,55 @@ def check(
         UsageError: bad options, or the two checkpoints are not of one family.
         VitresizeError: a checkpoint cannot be read, or its architecture cannot be told.
     """
+    Options(device=device)  # the spelling (cpu, cuda, cuda:N)
     _check_device(device)
-    if limit is not None and limit < 1:
-        raise UsageError(f"{param('limit')} must be at least 1, not {limit}")
-    orig = read_side(original, family=family, from_img_size=from_img_size)
-    conv = read_side(converted, family=family)
+    _check_gates(limit, min_agreement, min_cosine)
+    pairs_of = _methods(methods)
+    orig = read_side(original, family=family, from_img_size=from_img_size, from_grid=from_grid)
+    conv = read_side(converted, family=family, from_img_size=img_size, from_grid=grid, role="CONVERTED")
     if library_of(orig.family) != library_of(conv.family):
         raise UsageError(
             f"{original} is a {orig.family} checkpoint but {converted} is a {conv.family} one; check compares a "
             f"checkpoint with its own conversion"
         )
+    if conv.embedding.prefix_rows != orig.embedding.prefix_rows and img_size is None and grid is None:
+        raise GeometryError(
+            f"{converted}'s position table was read as a {format_size(conv.grid)} grid with "
+            f"{conv.embedding.prefix_rows} prefix row(s), but the original has {orig.embedding.prefix_rows}; give "
+            f"CONVERTED's geometry with {param('img_size')} HxW (or {param('grid')} HxW)"
+        )
+    runner_o = _runner(orig, model, device)
+    runner_c = _runner(conv, model, device, like=runner_o.architecture)
+    warnings = [n for n in dict.fromkeys((runner_o.architecture.note, runner_c.architecture.note)) if n]
+    if _differs(runner_o.architecture, runner_c.architecture):
+        warnings.append(
+            f"ORIGINAL and CONVERTED were built as different architectures ({runner_o.architecture.describe()} vs "
+            f"{runner_c.architecture.describe()}); pass --model NAME to build both alike"
+        )
+    load_c = _config_agrees(conv, runner_c.load)
+    report = CheckReport(
+        original=_side_report(orig, runner_o),
+        converted=dataclasses.replace(_side_report(conv, runner_c), load=load_c),
+        image_source="",
+        images=0,
+        skipped=(),
+        candidates=(),
+        per_image=(),
+        gates=(),
+        warnings=tuple(warnings),
+    )
+    if not (runner_o.load.ok and load_c.ok):
+        return report
+    largest = max(max(runner_o.input_size), max(runner_c.input_size))
     if images is not None:
-        pictures, skipped = folder_images(Path(images), limit)
+        pictures, skipped = folder_images(Path(images), limit, max_side=max(2 * largest, 256))
         source = f"folder {images}"
     else:
         pictures, skipped = sample_images(limit), []
         source = "scikit-image sample photographs (whole and quadrants)"
     names = [[n for n, _ in pictures[i : i + BATCH]] for i in range(0, len(pictures), BATCH)]
     batches = [[im for _, im in pictures[i : i + BATCH]] for i in range(0, len(pictures), BATCH)]
-    pairs = _methods(methods, conv.patch != orig.patch)
+    pairs = pairs_of(conv.patch != orig.patch)
     total = len(pictures) * (3 + len(pairs))
     done = 0
 
@@ -236,58 +335,46 @@ def check(
         if progress is not None:
             progress(done, total)
 
-    runner_o = _runner(orig, model, device)
-    runner_c = _runner(conv, model, device)
-    report = CheckReport(
-        original=_side_report(orig, runner_o),
-        converted=_side_report(conv, runner_c),
-        image_source=source,
-        images=len(pictures),
-        skipped=tuple(skipped),
-        candidates=(),
-        per_image=(),
-        gates=(),
-    )
-    if not (runner_o.load.ok and runner_c.load.ok):
-        return report
-    warnings = []
-    if runner_o.architecture.note:
-        warnings.append(runner_o.architecture.note)
-    base = _outputs(runner_o, batches, tick)
-    per_image = _score(runner_c, names, batches, base, tick)
+    base = _outputs(runner_o, orig, batches, tick)
+    per_image = _score(runner_c, conv, names, batches, base, tick)
     del runner_c
     target = _target_of(orig, conv)
-    reference_method = Options(device=device)
-    ref_side = convert_side(orig, target, reference_method)
-    ref_scores = aggregate(_score(_runner(ref_side, model, device), names, batches, base, tick))
-    conv_scores = aggregate(per_image)
-    candidates = [
-        Candidate("converted", None, None, conv_scores),
-        Candidate("reference", "native", "pi", ref_scores),
-    ]
-    ranked = []
-    for method, patch_method in pairs:
-        name = method if patch_method == "pi" else f"{method} (patch {patch_method})"
+    like = runner_o.architecture
+
+    def candidate(name: str, method: str, patch_method: str) -> Candidate:
+        options = Options(family=family, method=method, patch_method=patch_method, device=device)  # type: ignore[arg-type]
         try:
-            side = convert_side(orig, target, Options(method=method, patch_method=patch_method, device=device))  # type: ignore[arg-type]
+            side = convert_side(orig, target, options)
         except VitresizeError as e:
-            ranked.append(Candidate(name, method, patch_method, None, str(e)))
             tick(len(pictures))
-            continue
-        scores = aggregate(_score(_runner(side, model, device), names, batches, base, tick))
-        ranked.append(Candidate(name, method, patch_method, scores))
-    ranked.sort(key=_rank_key)
-    candidates += ranked
+            return Candidate(name, method, patch_method, None, str(e))
+        scores = _score(_runner(side, model, device, like=like), side, names, batches, base, tick)
+        return Candidate(name, method, patch_method, aggregate(scores))
+
+    reference = candidate("reference", "native", "pi")
+    if reference.scores is None:
+        raise GeometryError(f"vitresize cannot convert {original} to {converted}'s geometry: {reference.note}")
+    conv_scores = aggregate(per_image)
+    ranked = sorted(
+        (candidate(m if p == "pi" else f"{m} (patch {p})", m, p) for m, p in pairs),
+        key=_rank_key,
+    )
     if target.grid == orig.grid and target.patch is None and target.window is None:
         warnings.append(
             f"{converted} has the original's geometry ({format_size(orig.grid)} grid, patch "
             f"{format_size(orig.patch)}): the reference is the original itself"
         )
+    gates = _gates(conv_scores, reference.scores, min_agreement, min_cosine)
+    if base[0].logits is not None and conv_scores.top1_agreement is None:
+        gates.insert(0, _head_gate(base[0].logits.shape[-1]))
     return dataclasses.replace(
         report,
-        candidates=tuple(candidates),
+        image_source=source,
+        images=len(pictures),
+        skipped=tuple(skipped),
+        candidates=(Candidate("converted", None, None, conv_scores), reference, *ranked),
         per_image=tuple(per_image),
-        gates=tuple(_gates(conv_scores, ref_scores, min_agreement, min_cosine)),
+        gates=tuple(gates),
         warnings=tuple(warnings),
     )
 

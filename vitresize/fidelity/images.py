@@ -55,12 +55,26 @@ class Skipped:
         return {"path": self.path, "reason": self.reason}
 
 
-def _open_rgb(path: Path) -> Image:
-    """The image at ``path``, decoded whole (a truncated file fails here, not later) and in RGB."""
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA", "ICO", "JPEG2000", "QOI")
+"""The raster formats read from an images folder (never EPS/PS, which Pillow hands to Ghostscript)."""
+
+
+def _open_rgb(path: Path, max_side: int | None = None) -> Image:
+    """The image at ``path``, decoded whole (a truncated file fails here, not later) and in RGB; with
+    ``max_side``, shrunk (aspect kept) to at most that, so that a folder of photographs costs little memory.
+    A decompression bomb (over Pillow's pixel limit) is an error, not a warning."""
+    import warnings
+
     pil = require("PIL.Image")
-    with pil.open(path) as im:
-        im.load()
-        rgb: Image = im.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pil.DecompressionBombWarning)
+        with pil.open(path, formats=FORMATS) as im:
+            if max_side is not None:
+                im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
+            im.load()
+            rgb: Image = im.convert("RGB")
+    if max_side is not None and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), pil.Resampling.BICUBIC)
     return rgb
 
 
@@ -80,21 +94,25 @@ def _walk(root: Path, depth: int, skipped: list[Skipped]) -> Iterator[Path]:
             continue
         if stat.S_ISLNK(st.st_mode):
             skipped.append(Skipped(str(path), "a symbolic link (not followed)"))
+        elif entry.name.startswith("."):
+            skipped.append(Skipped(str(path), "hidden (its name starts with a dot)"))
         elif stat.S_ISDIR(st.st_mode):
             if depth >= MAX_DEPTH:
                 skipped.append(Skipped(str(path), f"deeper than {MAX_DEPTH} folders"))
             else:
                 yield from _walk(path, depth + 1, skipped)
         elif stat.S_ISREG(st.st_mode):
-            if not entry.name.startswith("."):
-                yield path
+            yield path
         else:
             skipped.append(Skipped(str(path), "not a regular file (a device, FIFO or socket)"))
 
 
-def folder_images(root: Path, limit: int | None = None) -> tuple[list[tuple[str, Image]], list[Skipped]]:
+def folder_images(
+    root: Path, limit: int | None = None, *, max_side: int | None = None
+) -> tuple[list[tuple[str, Image]], list[Skipped]]:
     """Every image Pillow reads under ``root`` (recursively, in path order, at most ``limit``), named by their
-    path relative to ``root``; the files that are not images, or are broken, are skipped and reported.
+    path relative to ``root``, shrunk to at most ``max_side`` pixels a side; the files that are not images, or
+    are broken, are skipped and reported (also hidden files: their names start with a dot).
 
     Raises:
         UsageError: ``root`` is not a folder, or holds no image Pillow reads.
@@ -108,8 +126,8 @@ def folder_images(root: Path, limit: int | None = None) -> tuple[list[tuple[str,
         if limit is not None and len(images) >= limit:
             break
         try:
-            images.append((str(path.relative_to(root)), _open_rgb(path)))
-        except (OSError, ValueError, SyntaxError, pil.DecompressionBombError) as e:
+            images.append((str(path.relative_to(root)), _open_rgb(path, max_side)))
+        except (OSError, ValueError, SyntaxError, pil.DecompressionBombError, pil.DecompressionBombWarning) as e:
             skipped.append(Skipped(str(path), f"not an image Pillow reads: {str(e).splitlines()[0] if str(e) else e}"))
     if not images:
         raise UsageError(

@@ -12,7 +12,7 @@ import io
 import re
 from typing import TYPE_CHECKING, Any
 
-from ..errors import GeometryError, UsageError
+from ..errors import GeometryError, UsageError, param
 from .base import (
     Architecture,
     LoadResult,
@@ -42,10 +42,11 @@ def _square(s: Size) -> int | tuple[int, int]:
 
 def _infer_vit(sd: dict[str, torch.Tensor], side: Side) -> Architecture:
     """A plain timm ViT (or DeiT) from its keys and shapes."""
-    if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
+    if side.family != "timm" or "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
         raise GeometryError(
-            f"cannot tell the architecture of {side.path} from its weights (a {side.family} model that is not a "
-            f"plain ViT); pass --model NAME (the timm model name, e.g. swin_tiny_patch4_window7_224)"
+            f"cannot tell the architecture of {side.path} from its weights (a {side.family} model, not a plain "
+            f"ViT); pass {param('model')} NAME (the timm model name, e.g. swin_tiny_patch4_window7_224), or keep "
+            f"the timm config.json beside it"
         )
     width = sd["patch_embed.proj.weight"].shape[0]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
@@ -60,7 +61,7 @@ def _infer_vit(sd: dict[str, torch.Tensor], side: Side) -> Architecture:
     }
     if "blocks.0.mlp.fc1_g.weight" in sd or "blocks.0.mlp.fc1_x.weight" in sd:
         raise GeometryError(
-            f"cannot tell the architecture of {side.path} from its weights (a gated MLP); pass --model NAME"
+            f"cannot tell the architecture of {side.path} from its weights (a gated MLP); pass {param('model')} NAME"
         )
     if "blocks.0.attn.q_norm.weight" in sd:
         args["qk_norm"] = True
@@ -163,7 +164,9 @@ def _create(arch: Architecture, side: Side, device: str) -> torch.nn.Module:
             model = create(**geometry, patch_size=_square(side.patch))
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise UsageError(f"--model {arch.name!r} is not a timm model name; see timm.list_models()") from None
+            raise UsageError(
+                f"{param('model')} {arch.name!r} is not a timm model name; see timm.list_models()"
+            ) from None
         raise
     ready: torch.nn.Module = model.eval().to(device)
     return ready
@@ -241,14 +244,17 @@ def _fit_head(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, 
     return sd
 
 
-def build(side: Side, *, model: str | None = None, device: str = "cpu") -> Runner:
-    """timm's model for ``side`` (see the module's docstring), its weights loaded when they fit exactly."""
+def build(side: Side, *, model: str | None = None, device: str = "cpu", like: Architecture | None = None) -> Runner:
+    """timm's model for ``side`` (see the module's docstring), its weights loaded when they fit exactly;
+    ``like`` (the original's architecture) is built again at the side's geometry instead of being read anew."""
     if side.family == "dinov2":
         raise GeometryError(
             f"{side.path} is in the DINOv2 repository's own layout, which no pip library builds; check the timm "
             f"or transformers version of the model instead"
         )
-    if model is not None:
+    if like is not None:
+        arch = like
+    elif model is not None:
         arch = Architecture("timm", model, {}, "--model")
     else:
         arch = _from_config(side) or (

@@ -12,7 +12,7 @@ from ..formats import open_checkpoint
 from ..resample.geometry import format_size
 
 if TYPE_CHECKING:
-    from ..options import Family
+    from ..options import Family, SizeLike
     from ..plans import Embedding
     from ..plot import Bars, Picture
     from .results import CheckReport
@@ -47,13 +47,14 @@ def picture(
     label: str,
     *,
     family: Family = "auto",
-    from_img_size: str | None = None,
+    from_img_size: SizeLike | None = None,
+    from_grid: SizeLike | None = None,
 ) -> Picture:
     """The first ViT of ``path``: its position table on the grid and its patch kernel, labelled with
     ``label`` and the geometry."""
     from ..plot import Picture
 
-    ins = inspect(path, family=family, from_img_size=from_img_size)
+    ins = inspect(path, family=family, from_img_size=from_img_size, from_grid=from_grid)
     if not ins.embeddings:
         return Picture(f"{label}: no ViT found", None, None)
     e = ins.embeddings[0]
@@ -89,13 +90,15 @@ def check_bars(rep: CheckReport) -> Bars | None:
     return Bars(labels=labels, metrics=metrics, highlight=0)
 
 
-def plot_check(out: Path, rep: CheckReport, **given: Any) -> None:
-    """``check``'s picture: the original and the converted side by side, and the agreement bars."""
+def plot_check(out: Path, rep: CheckReport, *, family: Family = "auto") -> None:
+    """``check``'s picture: the original and the converted side by side (at the geometry ``check`` read), and
+    the agreement bars."""
     from ..plot import draw
 
+    o, c = rep.original, rep.converted
     pictures = [
-        picture(rep.original.path, "original", **given),
-        picture(rep.converted.path, "converted"),
+        picture(o.path, "original", family=family, from_grid=o.grid),
+        picture(c.path, "converted", family=family, from_grid=c.grid),
     ]
     verdict = "ok" if rep.ok else "FAILED"
     draw(out, pictures, title=f"vitresize check: {verdict} ({rep.images} images)", bars=check_bars(rep))

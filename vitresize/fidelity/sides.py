@@ -8,12 +8,12 @@ import os
 from typing import TYPE_CHECKING
 
 from ..api import inspect, plan
-from ..errors import GeometryError, NoViTFoundError
+from ..errors import GeometryError, NoViTFoundError, param
 from ..formats import open_checkpoint
 from .base import Side
 
 if TYPE_CHECKING:
-    from ..options import Family, Options, Target
+    from ..options import Family, Options, SizeLike, Target
 
 __all__ = ["convert_side", "read_side"]
 
@@ -22,10 +22,14 @@ def read_side(
     path: str | os.PathLike[str],
     *,
     family: Family = "auto",
-    from_img_size: str | None = None,
-    from_grid: str | None = None,
+    from_img_size: SizeLike | None = None,
+    from_grid: SizeLike | None = None,
+    role: str = "ORIGINAL",
 ) -> Side:
     """The first ViT of ``path`` (as ``inspect`` finds it), its state dict read whole (``weights_only``).
+
+    ``role`` names the checkpoint in messages: ``"CONVERTED"``'s geometry is given with ``img_size`` /
+    ``grid`` (``from_img_size`` / ``from_grid`` here), ``"ORIGINAL"``'s with ``from_img_size``.
 
     Raises:
         NoViTFoundError: no ViT in the file.
@@ -37,6 +41,11 @@ def read_side(
     e = ins.embeddings[0]
     g = e.source
     if g is None or not e.stride_known or not e.grid_known:
+        if role == "CONVERTED":
+            raise GeometryError(
+                f"{path} (CONVERTED): its geometry cannot be told from the weights; give its image size with "
+                f"{param('img_size')} HxW (or its grid with {param('grid')} HxW)"
+            )
         raise GeometryError(f"{path}: {e.note or 'its geometry cannot be told from the weights'}")
     with open_checkpoint(path) as ckpt:
         tensors = {k: ckpt.tensor(e.state_dict, k) for k in ckpt.state_dicts[e.state_dict]}
@@ -48,6 +57,8 @@ def read_side(
             state_dict=tensors,
             config=sc.data if sc is not None else None,
             config_kind=sc.kind if sc is not None else None,
+            config_img_size=sc.img_size if sc is not None else None,
+            config_patch=sc.patch if sc is not None else None,
             img_size=g.img_size,
             patch=g.patch,
             grid=g.grid,
