@@ -7,7 +7,7 @@ DEMO   := build/demo
 N      ?= 5000
 SEED   ?= 0
 
-.PHONY: install demo test test-slow fuzz bench bench-quick bench-huge fidelity fidelity-update lint format fixtures clean
+.PHONY: install demo test test-slow fuzz bench bench-quick bench-huge fidelity fidelity-update pictures lint format fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ fidelity: install
 
 fidelity-update: install
 	$(BIN)/python benchmarks/fidelity.py --update
+
+# The README's example pictures (docs/img/), from the fidelity benchmark's trained ViT (trained if not cached).
+pictures: install
+	$(BIN)/python benchmarks/pictures.py
 
 lint: install
 	$(BIN)/ruff check .
