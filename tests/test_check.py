@@ -332,6 +332,7 @@ def test_convert_check_fails_on_a_kernel_without_pi(positional: Path, tmp_path: 
     assert out.exists()
 
 
+@pytest.mark.slow  # ~5 s: a fresh interpreter importing torch and timm
 def test_imports() -> None:
     """check imports no model library until it runs, and then only the one it needs."""
     code = (
@@ -386,6 +387,7 @@ def _png(path: Path) -> tuple[int, int]:
     return im.size
 
 
+@pytest.mark.slow  # ~7 s: matplotlib's first import and three figures (tests/test_plot.py covers the drawing)
 def test_plot_of_every_command(positional: Path, tmp_path: Path, run: Any) -> None:
     result = run("inspect", positional, "--from-img-size", "32x48", "--plot", tmp_path / "inspect.png")
     assert result.exit_code == 0, result.stderr

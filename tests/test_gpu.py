@@ -28,3 +28,19 @@ def test_cuda_matches_cpu(tmp_path: Path, name: str) -> None:
     for k in a:
         tol = 1e-5 if a[k].dtype == torch.float32 else 1e-2
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name", ["timm_vit_cls.pth", "torchvision_vit.pth", "families/hf_vit", "families/open_clip.pth"]
+)
+def test_check_on_cuda_agrees_with_cpu(tmp_path: Path, name: str) -> None:
+    """``check --device cuda`` runs every library's model on the GPU and scores as on the CPU."""
+    src = fixture(name)
+    dst = tmp_path / (src.name if src.is_dir() else f"out{src.suffix}")
+    vitresize.convert(src, dst, img_size=48)
+    cpu = vitresize.check(src, dst, limit=8, device="cpu")
+    gpu = vitresize.check(src, dst, limit=8, device="cuda")
+    assert gpu.ok and cpu.ok
+    a, b = cpu.candidates[0].scores, gpu.candidates[0].scores
+    assert a is not None and b is not None
+    assert abs(a.cosine_pooled - b.cosine_pooled) < 1e-3 and abs(a.cosine_patch - b.cosine_patch) < 1e-3
