@@ -219,6 +219,17 @@ class Runner(ABC):
     """The image size the model takes, ``(height, width)``."""
     transform: Callable[[Image], torch.Tensor]
     """The library's eval transform (used by the default :meth:`preprocess`)."""
+    device: str
+    grid: Size
+    model: Any
+
+    def _adopt(self, side: Side, arch: Architecture, model: torch.nn.Module, device: str) -> None:
+        """What every runner sets: the architecture, the side's input size and grid, ``model`` with the side's
+        state dict loaded strictly (its own prefix stripped), moved to ``device``."""
+        self.architecture, self.device, self.input_size, self.grid = arch, device, side.img_size, side.grid
+        self.model = model
+        self.load = strict_load(model, strip_prefix(side.state_dict, side.prefix))
+        model.to(device)
 
     def preprocess(self, image: Image) -> torch.Tensor:
         """An RGB PIL image to the model's input ``[3, H, W]``, as the library's own eval transform does it

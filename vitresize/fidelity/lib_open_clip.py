@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GeometryError, UsageError
-from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strict_load, strip_prefix
+from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strip_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -121,13 +121,7 @@ def _tower(cfg: dict[str, Any], side: Side) -> torch.nn.Module:
 class _OpenClipRunner(Runner):
     def __init__(self, side: Side, arch: Architecture, cfg: dict[str, Any], preprocess: dict[str, Any], device: str):
         transform = require("open_clip.transform")
-        self.architecture = arch
-        self.device = device
-        self.input_size = side.img_size
-        self.grid = side.grid
-        self.model = _tower(cfg, side)
-        self.load = strict_load(self.model, strip_prefix(side.state_dict, side.prefix))
-        self.model.to(device)
+        self._adopt(side, arch, _tower(cfg, side), device)
         pp = {**dataclasses.asdict(transform.PreprocessCfg()), **preprocess}
         self.transform = transform.image_transform(
             side.img_size,

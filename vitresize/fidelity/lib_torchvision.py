@@ -14,7 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import GeometryError, InternalError, UsageError
-from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strict_load, strip_prefix
+from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strip_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -131,13 +131,7 @@ def _model(arch: Architecture, side: Side) -> torch.nn.Module:
 class _TorchvisionRunner(Runner):
     def __init__(self, side: Side, arch: Architecture, device: str) -> None:
         presets = require("torchvision.transforms._presets")
-        self.architecture = arch
-        self.device = device
-        self.input_size = side.img_size
-        self.grid = side.grid
-        self.model = _model(arch, side)
-        self.load = strict_load(self.model, strip_prefix(side.state_dict, side.prefix))
-        self.model.to(device)
+        self._adopt(side, arch, _model(arch, side), device)
         h = side.img_size[0]
         self.transform = presets.ImageClassification(crop_size=h, resize_size=round(h * 256 / 224))
         self._tokens: torch.Tensor | None = None
