@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..api import _check_device
-from ..errors import GeometryError, UsageError, VitresizeError, param
+from ..errors import GeometryError, Message, UsageError, VitresizeError, param
 from ..options import Options, Target
 from ..resample.conventions import METHODS
 from ..resample.geometry import format_size
@@ -299,14 +299,16 @@ def check(
     warnings = [n for n in dict.fromkeys((runner_o.architecture.note, runner_c.architecture.note)) if n]
     if _differs(runner_o.architecture, runner_c.architecture):
         warnings.append(
-            f"ORIGINAL and CONVERTED were built as different architectures ({runner_o.architecture.describe()} vs "
-            f"{runner_c.architecture.describe()}); pass --model NAME to build both alike"
+            Message(
+                f"ORIGINAL and CONVERTED were built as different architectures ({runner_o.architecture.describe()} "
+                f"vs {runner_c.architecture.describe()}); pass {param('model')} NAME to build both alike"
+            )
         )
     load_c = _config_agrees(conv, runner_c.load)
     report = CheckReport(
         original=_side_report(orig, runner_o),
         converted=dataclasses.replace(_side_report(conv, runner_c), load=load_c),
-        image_source="",
+        image_source="none: the models were not run (a strict load failed)",
         images=0,
         skipped=(),
         candidates=(),

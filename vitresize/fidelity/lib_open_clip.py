@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ..errors import GeometryError, UsageError
+from ..errors import GeometryError, UsageError, param
 from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strip_prefix
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def _size(s: Size) -> int | tuple[int, int]:
 
 def _cannot_tell(side: Side, why: str) -> GeometryError:
     return GeometryError(
-        f"cannot tell the architecture of {side.path} from its weights ({why}); pass --model NAME "
+        f"cannot tell the architecture of {side.path} from its weights ({why}); pass {param('model')} NAME "
         f"(an open_clip model name, e.g. ViT-B-16 or ViT-L-14-quickgelu)"
     )
 
@@ -81,8 +81,8 @@ def _named(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     oc = require("open_clip")
     if name.startswith("hf-hub:"):
         raise UsageError(
-            f"--model {name!r} would download a config from the Hugging Face hub; download the repository and "
-            f"pass --model {_LOCAL}PATH, or an open_clip model name (open_clip.list_models())"
+            f"{param('model')} {name!r} would download a config from the Hugging Face hub; download the repository and "
+            f"pass {param('model')} {_LOCAL}PATH, or an open_clip model name (open_clip.list_models())"
         )
     preprocess: dict[str, Any] = {}
     if name.startswith(_LOCAL):
@@ -98,13 +98,13 @@ def _named(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg = oc.get_model_config(name.replace("/", "-"))
     if not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict) or "embed_dim" not in cfg:
         raise UsageError(
-            f"--model {name!r} is not an open_clip model name; see open_clip.list_models() (e.g. ViT-B-16)"
+            f"{param('model')} {name!r} is not an open_clip model name; see open_clip.list_models() (e.g. ViT-B-16)"
         )
     vision = cfg["vision_cfg"]
     if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
         raise UsageError(
-            f"--model {name!r} has a timm or ResNet image tower, not open_clip's VisionTransformer; pass a ViT model "
-            f"name (e.g. ViT-B-16)"
+            f"{param('model')} {name!r} has a timm or ResNet image tower, not open_clip's VisionTransformer; "
+            f"pass a ViT model name (e.g. ViT-B-16)"
         )
     return cfg, preprocess
 

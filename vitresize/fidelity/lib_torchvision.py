@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, cast
 
-from ..errors import GeometryError, InternalError, UsageError
+from ..errors import GeometryError, InternalError, UsageError, param
 from .base import Architecture, Outputs, Runner, Side, on_grid, require, standard_heads, strip_prefix
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def _infer(side: Side, sd: dict[str, torch.Tensor]) -> Architecture:
     if not layers or "conv_proj.weight" not in sd or _MLP not in sd:
         raise GeometryError(
             f"cannot tell the architecture of {side.path} from its weights (not a plain torchvision "
-            f"VisionTransformer); pass --model NAME (a torchvision builder, e.g. vit_b_16)"
+            f"VisionTransformer); pass {param('model')} NAME (a torchvision builder, e.g. vit_b_16)"
         )
     width = int(sd["conv_proj.weight"].shape[0])
     heads, note = standard_heads(width)
@@ -92,13 +92,13 @@ def _named(name: str, side: Side, sd: dict[str, torch.Tensor]) -> Architecture:
             vit = tv.get_model(name, weights=None, image_size=image, **_heads(sd))
         except (ValueError, TypeError, RuntimeError) as e:
             raise UsageError(
-                f"--model {name!r} is not a torchvision ViT builder ({str(e).splitlines()[0] if str(e) else e!r}); "
-                f"pass one of {', '.join(_BUILDERS)}"
+                f"{param('model')} {name!r} is not a torchvision ViT builder "
+                f"({str(e).splitlines()[0] if str(e) else e!r}); pass one of {', '.join(_BUILDERS)}"
             ) from None
         except AssertionError as e:  # torch._assert: the builder's patch does not divide the image size
             raise GeometryError(
-                f"--model {name!r} cannot be built at {image}x{image} ({e}); pass a builder whose patch divides "
-                f"{image}, or one of {', '.join(_BUILDERS)}"
+                f"{param('model')} {name!r} cannot be built at {image}x{image} ({e}); pass a builder whose patch "
+                f"divides {image}, or one of {', '.join(_BUILDERS)}"
             ) from None
         if not isinstance(vit, require("torchvision.models.vision_transformer").VisionTransformer):
             raise UsageError(f"--model {name!r} is not a torchvision ViT builder; pass one of {', '.join(_BUILDERS)}")
