@@ -13,6 +13,12 @@ taken, medians of ``--repeat`` runs, page cache warm. Ratios are against baselin
                           size, load, ``checkpoint_filter_fn``, ``load_state_dict``, ``save_file``)
 
 ``python benchmarks/bench.py --quick`` measures ViT-B only (a CI smoke run); ``--huge`` is the scale check.
+
+The ``batch`` rows (also alone with ``--batch``): 100 small conversions (ViT-Ti/16 files, safetensors and zip
+.pth in, safetensors and .pth out, new image sizes and patches) as one ``vitresize batch`` process, with
+``--jobs 1`` and ``--jobs N``, against 100 ``vitresize convert`` processes one after another; ``x faster`` is
+the convert processes' total wall time over the batch's, round by round, and the outputs are checked
+byte-identical.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ MODELS = [
     Model("ViT-g/14", "vit_giant_patch14_224", 1408, 40, 6144, 14),
 ]
 HUGE = Model("ViT-22B/14", "vit_22b_patch14_224", 6144, 48, 24576, 14)
+SMALL = Model("ViT-Ti/16", "vit_tiny_patch16_224", 192, 12, 768, 16)
+"""The model of the ``batch`` rows: many small conversions, where a process's start-up is most of the cost."""
 
 
 def shapes(m: Model, img: int = 224) -> list[tuple[str, tuple[int, ...]]]:
@@ -282,6 +290,87 @@ def bench(models: list[Model], folder: Path, repeat: int, timm_repeat: int) -> l
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
+BATCH_HEADER = ["batch rows", "wall", "per line", "x faster", "peak RSS", "outputs"]
+BATCH_WIDTHS = [16, 9, 9, 9, 9, 9]
+
+
+def _batch_work(folder: Path, out_dir: Path, count: int) -> tuple[Path, list[tuple[list[str], Path]], list[Path]]:
+    """The manifest of ``count`` conversions (its outputs under ``batch/``), the same conversions as ``convert``
+    commands (outputs under ``convert/``, same names: a .pth records its file name), and the batch's outputs."""
+    st, pth = make_checkpoints(SMALL, folder)
+    ops = [
+        (st, ".safetensors", {"img_size": 384}),
+        (pth, ".safetensors", {"img_size": 384}),
+        (st, ".safetensors", {"patch": 8}),
+        (pth, ".pth", {"img_size": 384}),
+    ]
+    for sub in ("batch", "convert"):
+        (out_dir / sub).mkdir(exist_ok=True)
+    lines, converts, outputs = [], [], []
+    for i in range(count):
+        src, suffix, fields = ops[i % len(ops)]
+        name = f"{i:03d}{suffix}"
+        lines.append(json.dumps({"src": str(src), "dst": f"batch/{name}", **fields}))
+        args = [a for k, v in fields.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        dst = out_dir / "convert" / name
+        converts.append(([*VITRESIZE, "convert", str(src), str(dst), *args, "-q"], dst))
+        outputs.append(out_dir / "batch" / name)
+    manifest = out_dir / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, converts, outputs
+
+
+def batch_bench(folder: Path, repeat: int, count: int) -> list[list[str]]:
+    """``count`` small conversions: one ``vitresize batch`` (``--jobs 1`` and ``--jobs N``) against as many
+    ``vitresize convert`` processes, taking turns in each of ``repeat`` rounds; outputs checked identical."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix="vitresize-bench-batch-", dir=folder))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    jobs = max(2, min(4, os.cpu_count() or 1))
+    try:
+        manifest, converts, outputs = _batch_work(folder, out_dir, count)
+        batches = {
+            f"batch --jobs {j}": Cmd([*VITRESIZE, "batch", str(manifest), "--jobs", str(j), "-q"], env, tuple(outputs))
+            for j in (1, jobs)
+        }
+        walls: dict[str, list[float]] = {"convert": [], **{name: [] for name in batches}}
+        rss: dict[str, list[int]] = {name: [] for name in walls}
+        for _ in range(repeat):
+            total, peak = 0.0, 0
+            for argv, dst in converts:
+                wall, r = _run_once(Cmd(argv, env, (dst,)))
+                total, peak = total + wall, max(peak, r)
+            walls["convert"].append(total)
+            rss["convert"].append(peak)
+            for name, cmd in batches.items():
+                wall, r = _run_once(cmd)
+                walls[name].append(wall)
+                rss[name].append(r)
+        for name, cmd in batches.items():  # every output byte-identical to its convert's, for each --jobs
+            _run_once(cmd)
+            for out, (_, ref) in zip(outputs, converts, strict=True):
+                if out.read_bytes() != ref.read_bytes():
+                    raise SystemExit(f"{name}: {out.name} differs from the output of vitresize convert")
+        rows = []
+        for name in walls:
+            ratio = statistics.median(c / w for c, w in zip(walls["convert"], walls[name], strict=True))
+            label = f"{count} x convert" if name == "convert" else name
+            rows.append(
+                [
+                    label,
+                    f"{statistics.median(walls[name]):.2f} s",
+                    f"{statistics.median(walls[name]) / count * 1000:.0f} ms",
+                    "" if name == "convert" else f"{ratio:.1f}x",
+                    f"{statistics.median(rss[name]) / MIB:.0f} MiB",
+                    "identical" if name != "convert" else "",
+                ]
+            )
+            print(_fmt_row(rows[-1], BATCH_WIDTHS), flush=True)
+        return rows
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def huge(folder: Path) -> None:
     """A ViT-22B-sized safetensors file (~87 GB fp32), sparse: header and the two resampled tensors real."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -335,6 +424,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="ViT-B only (CI smoke run)")
     ap.add_argument("--huge", action="store_true", help="the ViT-22B-sized sparse scale check only")
+    ap.add_argument("--batch", action="store_true", help="the batch rows only")
+    ap.add_argument("--batch-count", type=int, default=100, help="conversions of the batch rows")
+    ap.add_argument("--batch-repeat", type=int, default=3, help="rounds of the batch rows (medians)")
     ap.add_argument("--repeat", type=int, default=7, help="rounds of cp and vitresize runs (medians)")
     ap.add_argument("--make", help=argparse.SUPPRESS)
     ap.add_argument("--only", nargs="+", metavar="MODEL", help="e.g. --only ViT-H/14 ViT-g/14")
@@ -346,17 +438,26 @@ def main() -> None:
         if a.make == HUGE.name:
             _write_sparse(folder)
         else:
-            _write_checkpoints(next(m for m in MODELS if m.name == a.make), folder)
+            _write_checkpoints(next(m for m in [*MODELS, SMALL] if m.name == a.make), folder)
         return
     print(f"machine: {os.cpu_count()} cores, {_ram() / 2**30:.0f} GiB RAM, Python {sys.version.split()[0]}")
     if a.huge:
         huge(folder)
+        return
+    if a.batch:
+        print(f"{a.batch_count} {SMALL.name} conversions ({SMALL.timm_name}): one process vs one per conversion")
+        print(_fmt_row(BATCH_HEADER, BATCH_WIDTHS))
+        batch_bench(folder, a.batch_repeat, a.batch_count)
         return
     models = MODELS[:1] if a.quick else [m for m in MODELS if not a.only or m.name in a.only]
     header = ["model", "format", "size", "operation", "wall", "wall/cp", "peak RSS", "RSS/file", "RSS-torch", "cp",
               "timm route", "vs timm"]  # fmt: skip
     print(_fmt_row(header, [9, 11, 8, 14, 8, 7, 9, 8, 10, 7, 20, 12]))
     bench(models, folder, a.repeat, a.timm_repeat)
+    if not a.quick:
+        print(f"\n{a.batch_count} {SMALL.name} conversions ({SMALL.timm_name}): one process vs one per conversion")
+        print(_fmt_row(BATCH_HEADER, BATCH_WIDTHS))
+        batch_bench(folder, a.batch_repeat, a.batch_count)
 
 
 if __name__ == "__main__":

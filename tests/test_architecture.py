@@ -32,7 +32,7 @@ from vitresize.formats.safetensors import tensor_bytes
 from vitresize.keymaps import TensorInfo
 
 PKG = "vitresize"
-LAYERS = ("cli", "fidelity", "api", "plans", "_execute", ("formats", "resample", "keymaps"))
+LAYERS = ("cli", "batch", "fidelity", "api", "plans", "_execute", ("formats", "resample", "keymaps"))
 """Highest first: no module imports one of a higher layer, directly or through others. The last layer's
 packages may import each other."""
 

@@ -300,9 +300,10 @@ def test_completion_of_choices_without_torch() -> None:
     from vitresize.cli import Family, Method
 
     methods, families = [m.value for m in Method], [f.value for f in Family]
+    commands = ["convert", "inspect", "check", "batch"]
     for words, expected in [
-        ("vitresize ", ["convert", "inspect", "check"]),
-        ("vitresize --version ", ["convert", "inspect", "check"]),  # the eager --version callback prints nothing here
+        ("vitresize ", commands),
+        ("vitresize --version ", commands),  # the eager --version callback prints nothing here
         ("vitresize convert a.pth b.pth --method ", methods),
         ("vitresize convert a.pth b.pth --method dinov", [m for m in methods if m.startswith("dinov")]),
         ("vitresize inspect a.pth --family hf", [f for f in families if f.startswith("hf")]),

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .plans import ModelPlan, Plan, TensorChange
     from .resample.torchfree import Table
 
-__all__ = ["execute", "resample"]
+__all__ = ["execute", "provenance", "resample"]
 
 
 def _select(plan: Plan, ckpt: Checkpoint, writer: Writer, select: str | None) -> tuple[tuple[str, ...], list[str]]:
@@ -196,7 +196,8 @@ class _Resampled:
         }
 
 
-def _provenance(plan: Plan) -> dict[str, str]:
+def provenance(plan: Plan) -> dict[str, str]:
+    """The ``vitresize.*`` metadata a safetensors output of ``plan`` records (``batch --resume`` compares it)."""
     m = plan.models[0]
     return {
         "vitresize.version": __version__,
@@ -349,7 +350,7 @@ def execute(
         ckpt,
         sds,
         resampled.replacements(sds),
-        _provenance(plan),
+        provenance(plan),
         geometry=(t.img_size, t.patch) if moved and t.grid != (0, 0) else None,
         window=m.window if m.window != m.embedding.window else None,
         patch_changed=m.target.patch != m.source.patch,

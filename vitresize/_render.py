@@ -20,11 +20,13 @@ from .plans import Embedding
 from .report import Inspection, Report
 
 if TYPE_CHECKING:
+    from .batch import BatchReport, LineResult
     from .fidelity.results import CheckReport
 from .resample.geometry import format_size
 
 __all__ = [
     "StdoutError",
+    "batch_report",
     "check_report",
     "clean",
     "count_progress",
@@ -484,3 +486,52 @@ def check_report(rep: CheckReport, *, verbose: bool = False) -> None:
         if table is not None:
             out.print(table)
         out.print(_summary(after))
+
+
+def _batch_detail(r: LineResult) -> str:
+    """What a batch line did, in a few words: the geometry it moved, or why it failed."""
+    if r.status == "failed":
+        return str(r.error)
+    if r.status == "skipped":
+        return "DST exists and matches (--resume)"
+    if r.status == "not_run" or r.report is None:
+        return "not started (--fail-fast)"
+    rep = r.report
+    m = rep.plan.models[0]
+    parts = [f"grid {format_size(m.source.grid if m.embedding.grid_known else None)} -> {format_size(m.target.grid)}"]
+    if m.source.patch != m.target.patch:
+        parts.append(f"patch {format_size(m.source.patch)} -> {format_size(m.target.patch)}")
+    parts.append(f"{len(rep.plan.changes)} changed, {rep.passed_through} passed through")
+    parts.append(f"{rep.dst_format}, {_bytes(rep.bytes_written)}")
+    return "; ".join(parts)
+
+
+def batch_report(rep: BatchReport) -> None:
+    """The table of a batch's lines (line, SRC, DST, status, what it did) and its summary, on stdout.
+
+    Raises:
+        StdoutError: stdout is closed or broken.
+    """
+    table = Table(header_style="bold")
+    table.add_column("Line", justify="right")
+    table.add_column("SRC", overflow="fold")
+    table.add_column("DST", overflow="fold")
+    table.add_column("Status")
+    table.add_column("Result", overflow="fold")
+    for r in rep.lines:
+        status = r.status.replace("_", " ")
+        table.add_row(*(_cell(x) for x in (r.line.number, r.line.src, r.line.dst, status, _batch_detail(r))))
+    counts = rep.counts
+    done = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("ok", "failed", "skipped", "not_run") if counts[k])
+    scope = f"of {counts['total']}"
+    if rep.shard is not None:
+        scope += f" (shard {rep.shard[0]}/{rep.shard[1]} of the manifest's {rep.entries} entries)"
+    rows = [
+        ("manifest", str(rep.manifest)),
+        ("lines", f"{done or 'none'} {scope}"),
+        ("time", f"{rep.seconds:.1f} s, {rep.jobs} at a time"),
+    ]
+    with _stdout() as out:
+        if rep.lines:
+            out.print(table)
+        out.print(_summary(rows))

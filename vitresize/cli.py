@@ -696,6 +696,87 @@ def check(
             raise typer.Exit(1)
 
 
+BATCH_MANIFEST = (
+    "Manifest: JSON lines (.jsonl, one object per line) or CSV (.csv, a header row); '#' lines and blank lines "
+    "are skipped. Keys: src, dst (relative to the manifest's folder) and convert's options named as in Python: "
+    "img_size, patch, grid, window, from_img_size, from_grid, family, method, interpolation, antialias, "
+    "patch_method, device, allow_large, force, select, verify, fsync (flags: true/false; an empty CSV cell leaves "
+    "a key unset). The whole manifest is checked before anything runs."
+)
+
+
+@app.command(
+    cls=_Command,
+    epilog=BATCH_MANIFEST
+    + "\n\n"
+    + _examples(
+        "vitresize batch manifest.jsonl --jobs 2",
+        "vitresize batch manifest.csv --json > report.json",
+        "vitresize batch manifest.jsonl --resume         # rerun: skip what is done",
+        "# Slurm: sbatch --array=0-15 ...; each task runs",
+        "vitresize batch manifest.jsonl --resume --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+        "# Kubernetes indexed Job (completions: 8, completionMode: Indexed):",
+        "vitresize batch manifest.jsonl --resume --shard $JOB_COMPLETION_INDEX/8",
+    )
+    + "\n\n"
+    + "Exit codes: 0 every line converted or skipped, 1 a line failed (the others still ran, unless --fail-fast), "
+    "2 usage error (the manifest: nothing ran), 130 interrupted (Ctrl-C: lines under way finish or leave nothing). "
+    "Set VITRESIZE_DEBUG=1 to see tracebacks.",
+)
+def batch(
+    manifest: Annotated[
+        Path,
+        typer.Argument(metavar="MANIFEST", help="Conversions, one per line: JSON lines or CSV.", show_default=False),
+    ],
+    jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", help="Run N conversions at a time.")] = 1,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", metavar="K/N", help="Run only entries i (from 0) with i % N == K: one of N machines."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Skip a line whose DST exists and matches what it would write."),
+    ] = False,
+    keep_going: Annotated[
+        bool,
+        typer.Option(
+            "--keep-going/--fail-fast",
+            help="After a failed line, run the others (default), or start no more.",
+            show_default=False,
+        ),
+    ] = True,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the conversions of a manifest in one process: a table (or one JSON object) with a row per line."""
+    with _errors():
+        _one_output(json_=json_, quiet=quiet)
+        from . import batch as batches
+
+        with _render.count_progress("converting", enabled=not (json_ or quiet)) as bar:
+            rep = batches.run(manifest, jobs=jobs, shard=shard, resume=resume, fail_fast=not keep_going, progress=bar)
+        try:
+            if json_:
+                _render.json_out(rep.to_dict())
+            elif not quiet:
+                _render.batch_report(rep)
+        except _render.StdoutError as e:
+            if not e.broken_pipe:
+                _render.warning(f"ran {manifest}, but its report could not be printed: {e}")
+        for r in rep.lines:
+            if not quiet and r.report is not None:
+                for w in r.report.warnings:
+                    _render.warning(f"line {r.line.number}: {w}")
+            if quiet and r.error is not None:
+                _render.error(f"line {r.line.number} ({r.line.src} -> {r.line.dst}): {r.error}")
+        if not rep.ok:
+            if not quiet:
+                numbers = ", ".join(str(r.line.number) for r in rep.failed)
+                where = 'the JSON\'s "lines"' if json_ else "the table"
+                _render.error(f"{len(rep.failed)} of {len(rep.lines)} lines failed (line {numbers}); see {where}")
+            raise typer.Exit(1)
+
+
 def _reserve_std_fds() -> None:
     """Open /dev/null on a closed descriptor 0, 1 or 2 (``>&-``), so that no file vitresize opens (the source, the
     output) can become stdout or stderr and receive stray writes. ``sys.stdout`` stays ``None``: the output then
