@@ -7,7 +7,7 @@ DEMO   := build/demo
 N      ?= 5000
 SEED   ?= 0
 
-.PHONY: install demo test test-slow fuzz bench bench-quick bench-huge fidelity fidelity-update pictures lint format fixtures clean
+.PHONY: install demo test test-slow fuzz bench bench-quick bench-huge fidelity fidelity-update pictures install-cow-tools lint format fixtures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ fidelity-update: install
 # The README's example pictures (docs/img/), from the fidelity benchmark's trained ViT (trained if not cached).
 pictures: install
 	$(BIN)/python benchmarks/pictures.py
+
+# The copy-on-write file systems tests/test_cow.py loop-mounts (as root; it skips without them).
+install-cow-tools:
+	apt-get update -qq && apt-get install -y -qq xfsprogs btrfs-progs
 
 lint: install
 	$(BIN)/ruff check .

@@ -279,9 +279,19 @@ def _report(
         passed_through=tensors - changed,
         verified=verified,
         engine=engine,
+        cloned_bytes=_cloned(dst) if written else None,
         rewritten=written.rewritten if written else (),
         copied=written.copied if written else (),
     )
+
+
+def _cloned(dst: Path) -> int | None:
+    """The output's bytes that a copy-on-write file system cloned (the files of a folder added up)."""
+    from .formats._fiemap import shared_bytes
+
+    files = sorted(p for p in dst.iterdir() if p.is_file() and not p.is_symlink()) if dst.is_dir() else [dst]
+    counts = [shared_bytes(f) for f in files]
+    return None if any(c is None for c in counts) else sum(c or 0 for c in counts)
 
 
 def _ticker(progress: Callable[[int, int], None], total: int) -> Progress:

@@ -307,6 +307,8 @@ def report(rep: Report, *, verbose: bool = False) -> None:
                 f"{len(rep.copied)} files and folders as they are" + (f": {', '.join(rep.copied)}" if verbose else ""),
             )
         )
+    if rep.cloned_bytes:
+        rows.append(("cloned", f"{_bytes(rep.cloned_bytes)} shared with the source (copy-on-write), not copied"))
     if rep.verified is not None:
         v = rep.verified
         rows.append(

@@ -49,6 +49,10 @@ class Report:
     """Folder output: the files written anew (shards holding a changed tensor, the index)."""
     copied: tuple[str, ...] = ()
     """Folder output: the files copied as they are."""
+    cloned_bytes: int | None = None
+    """Bytes of the output that share their blocks with another file: cloned, not copied, by a copy-on-write file
+    system (XFS with reflink, btrfs) from the source (``FS_IOC_FIEMAP``); ``None`` where that cannot be asked
+    (not Linux, a dry run, a file system without FIEMAP)."""
     engine: str | None = None
     """What resampled the tensors: ``"numpy"`` (torch not imported; bit for bit as torch's kernel, see
     :mod:`vitresize.resample.torchfree`) or ``"torch"``; ``None`` when nothing was resampled."""
@@ -67,6 +71,7 @@ class Report:
             warnings=list(self.warnings),
             verified=self.verified.to_dict() if self.verified else None,
             engine=self.engine,
+            cloned_bytes=self.cloned_bytes,
             files={"rewritten": list(self.rewritten), "copied": list(self.copied)}
             if self.dst_format == "folder"
             else None,

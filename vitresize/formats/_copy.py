@@ -51,6 +51,11 @@ class _Stop(Exception):
     pass
 
 
+BLOCK = 4096
+"""The file-system block size copies are aligned to (XFS, btrfs, ext4 and ZFS share or clone whole 4 KiB blocks;
+larger blocks are multiples of it): see :func:`vitresize.formats.safetensors.congruent_start`."""
+
+
 def _copy_range(
     src_fd: int,
     dst_fd: int,
@@ -79,8 +84,13 @@ def _copy_range(
                     progress(hole)
                 continue
         if use_cfr:
+            chunk = min(run, _COPY_CHUNK_CFR)
+            if offset % BLOCK and (offset - dst_offset) % BLOCK == 0:
+                # congruent but not aligned: the head up to the block boundary on its own, so that the rest
+                # starts aligned, which a copy-on-write file system needs to clone it (an unaligned call copies)
+                chunk = min(chunk, BLOCK - offset % BLOCK)
             try:
-                n = os.copy_file_range(src_fd, dst_fd, min(run, _COPY_CHUNK_CFR), offset, dst_offset)
+                n = os.copy_file_range(src_fd, dst_fd, chunk, offset, dst_offset)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
                     raise  # ENOSPC, EIO: real failures, not "this file system cannot"

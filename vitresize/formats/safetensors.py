@@ -473,7 +473,45 @@ def tensor_bytes(t: torch.Tensor | Table) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def _header_bytes(segments: list[Segment], metadata: dict[str, str]) -> bytes:
+def congruent_start(segments: list[Segment]) -> int | None:
+    """Where the data should start, modulo :data:`._copy.BLOCK`, for the largest copied run to be block-congruent
+    with its source (``None``: no copied run, or one that would misalign the data from 8 bytes).
+
+    A file system that shares blocks between files (XFS with reflink, btrfs, ZFS block cloning, NFS 4.2 server
+    side copy) clones a ``copy_file_range`` instead of copying it only where source and destination offsets are
+    congruent modulo the block size. safetensors allows no gap between tensors, but its header may end in spaces:
+    padding it moves every tensor, so the largest run of segments copied contiguously from one file (a ViT's
+    blocks, after its position table) lands congruent with where it was; the tensors keep their order. Runs after
+    a tensor whose size changed may still land off the block grid, and are copied.
+    """
+    best: tuple[int, int, int] | None = None  # (run bytes, run's source offset, bytes before it in the output)
+    at = 0
+    run_bytes = run_src = run_at = 0
+    prev: Segment | None = None
+    for s in segments:
+        contiguous = (
+            s.source is not None
+            and prev is not None
+            and prev.source is not None
+            and prev.source[0] == s.source[0]
+            and prev.source[1] + prev.nbytes == s.source[1]
+        )
+        if s.source is not None and not contiguous:
+            run_bytes, run_src, run_at = 0, s.source[1], at
+        if s.source is not None:
+            run_bytes += s.nbytes
+            if best is None or run_bytes > best[0]:
+                best = (run_bytes, run_src, run_at)
+        at += s.nbytes
+        prev = s
+    if best is None or (best[1] - best[2]) % 8:
+        return None
+    return (best[1] - best[2]) % _copy.BLOCK
+
+
+def _header_bytes(segments: list[Segment], metadata: dict[str, str], start: int | None = None) -> bytes:
+    """The length-prefixed header; with ``start``, padded with spaces so that the data begins at an offset
+    congruent to ``start`` modulo :data:`._copy.BLOCK` (else to a multiple of 8)."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -495,14 +533,15 @@ def _header_bytes(segments: list[Segment], metadata: dict[str, str]) -> bytes:
         }
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-len(raw) % 8 if start is None else (start - 8 - len(raw)) % _copy.BLOCK)
     return struct.pack("<Q", len(raw)) + raw
 
 
 def write_safetensors(
     dst: Path, segments: Iterable[Segment], metadata: dict[str, str], progress: Progress | None = None
 ) -> int:
-    """Write a safetensors file from segments, in order.
+    """Write a safetensors file from segments, in order, the header padded (:func:`congruent_start`) so that
+    the largest copied run is block-congruent with its source and a copy-on-write file system clones it.
 
     The layout follows from the segments' shapes alone, so every byte has a known place before any tensor
     is computed: the copy engine (:func:`._copy.start_copier`, a child process or a thread) copies the
@@ -513,7 +552,7 @@ def write_safetensors(
         The number of bytes written.
     """
     segs = list(segments)
-    head = _header_bytes(segs, metadata)
+    head = _header_bytes(segs, metadata, congruent_start(segs))
     fds: dict[Path, int] = {}
     fd = -1
     copier: _copy.Copier | None = None

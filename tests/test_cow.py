@@ -1,0 +1,126 @@
+"""Block-congruent safetensors outputs, and what a copy-on-write file system does with them: on XFS with reflink
+(loop-mounted; skipped without root, a loop device or mkfs.xfs) the unchanged tensors are cloned, not copied."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fixture
+from safetensors import safe_open
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file, save_file
+
+import vitresize
+from vitresize.formats import open_checkpoint
+from vitresize.formats._copy import BLOCK
+from vitresize.formats._fiemap import shared_bytes
+
+
+def _offsets(path: Path) -> dict[str, int]:
+    """Every tensor's absolute offset in a safetensors file."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__", None)
+    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items()}
+
+
+def _largest_copied(src: Path) -> tuple[str, int]:
+    """The largest tensor of ``src`` that lies as it is in the file, and where."""
+    with open_checkpoint(src) as ckpt:
+        segs = [s for sd in ckpt.state_dicts for s in ckpt.segments(sd) if s.source is not None]
+    best = max(segs, key=lambda s: s.nbytes)
+    assert best.source is not None
+    return best.key, best.source[1]
+
+
+@pytest.mark.parametrize("name", ["timm_vit_cls.safetensors", "timm_vit_cls.pth", "timm_vit_reg4.safetensors"])
+def test_unchanged_tensors_land_block_congruent(tmp_path: Path, name: str) -> None:
+    src, dst = fixture(name), tmp_path / "out.safetensors"
+    vitresize.convert(src, dst, img_size=48)
+    key, at = _largest_copied(src)
+    assert _offsets(dst)[key] % BLOCK == at % BLOCK
+    # the tensors keep their order (safetensors lists them by offset), and every reader takes the file
+    ref = load_file(str(src)) if src.suffix == ".safetensors" else torch.load(src, weights_only=True)
+    out = load_file(str(dst))
+    assert list(out) == list(ref)
+    assert set(load_numpy(str(dst))) == set(ref)
+    with safe_open(str(dst), "pt") as f:
+        assert f.get_tensor(key).equal(ref[key])
+        assert f.metadata()["vitresize.new_grid"] == "6x6"
+    assert _offsets(dst)[key] - 8 > 0 and (_offsets(dst)[key] - 8) % 8 == 0  # data stays 8-aligned
+
+
+def test_shared_bytes_on_an_ordinary_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 10000)
+    assert shared_bytes(path) in (0, None)  # tmpfs may not answer FIEMAP
+
+
+@contextlib.contextmanager
+def _xfs(tmp_path: Path) -> Iterator[Path]:
+    """A loop-mounted XFS file system with reflink, or a skip saying why there is none."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting an XFS image needs root")
+    for tool in ("mkfs.xfs", "mount", "umount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install xfsprogs; make install-cow-tools)")
+    image, mnt = tmp_path / "xfs.img", tmp_path / "mnt"
+    with image.open("wb") as f:
+        f.truncate(400 << 20)  # sparse; XFS wants at least 300 MB
+    mnt.mkdir()
+    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"mkfs.xfs -m reflink=1 failed: {made.stderr.strip()[:200]}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot loop-mount an XFS image here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _big_vit(path: Path) -> int:
+    """A tiny ViT with one 32 MiB extra tensor (what makes a checkpoint big); the tensor's bytes."""
+    import timm
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=10)  # fmt: skip
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["blocks.0.big"] = torch.randn(8, 1024, 1024)
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return sd["blocks.0.big"].numel() * 4
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_xfs_reflink_clones_the_unchanged_bytes(tmp_path: Path, suffix: str) -> None:
+    with _xfs(tmp_path) as mnt:
+        src = mnt / f"src{suffix}"
+        big = _big_vit(src)
+        rep = vitresize.convert(src, mnt / "dst.safetensors", img_size=64)
+        cloned = shared_bytes(mnt / "dst.safetensors")
+        assert cloned is not None and cloned >= big - 2 * BLOCK, (cloned, big)
+        assert rep.cloned_bytes == cloned
+        # the same conversion written off XFS holds the same tensors and metadata
+        shutil.copy(src, tmp_path / f"src{suffix}")
+        vitresize.convert(tmp_path / f"src{suffix}", tmp_path / "dst.safetensors", img_size=64)
+        a, b = load_file(str(mnt / "dst.safetensors")), load_file(str(tmp_path / "dst.safetensors"))
+        assert list(a) == list(b) and all(a[k].equal(b[k]) for k in a)
+        with (
+            safe_open(str(mnt / "dst.safetensors"), "pt") as f,
+            safe_open(str(tmp_path / "dst.safetensors"), "pt") as g,
+        ):
+            assert f.metadata() == g.metadata()
