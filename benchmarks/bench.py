@@ -416,6 +416,54 @@ def _write_sparse(folder: Path) -> None:
             offset += 4 * _numel(shape)
 
 
+def cow_bench(models: list[Model], folder: Path, repeat: int) -> None:
+    """On a loop-mounted XFS with reflink: ``vitresize convert`` (safetensors -> safetensors) against
+    ``cp --reflink=never`` of the same file, and the disk the output takes of its own (its blocks not shared).
+    Needs root and mkfs.xfs (``make install-cow-tools``); says why it is skipped otherwise."""
+    from vitresize.formats._fiemap import shared_bytes
+
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
+        print("copy-on-write rows skipped: they need root and mkfs.xfs (make install-cow-tools)")
+        return
+    for m in models:
+        src, _ = make_checkpoints(m, folder)
+        image, mnt = folder / "cow-xfs.img", folder / "cow-xfs"
+        with image.open("wb") as f:
+            f.truncate(max(3 * src.stat().st_size + (1 << 30), 400 << 20))
+        mnt.mkdir(exist_ok=True)
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+        try:
+            x = mnt / src.name
+            subprocess.run(["cp", "--reflink=never", str(src), str(x)], check=True)
+            img = 384 if 384 % m.patch == 0 else 392
+            cp_out, dst = mnt / "cp.safetensors", mnt / "out.safetensors"
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            runs = measure_interleaved(
+                {
+                    "cp": Cmd(["cp", "--reflink=never", str(x), str(cp_out)], outputs=(cp_out,)),
+                    "vitresize": Cmd(
+                        [*VITRESIZE, "convert", str(x), str(dst), "--img-size", str(img), "--force", "-q"], env, (dst,)
+                    ),
+                },
+                repeat,
+            )
+            os.sync()
+            shared = shared_bytes(dst) or 0
+            own = dst.stat().st_blocks * 512 - shared
+            changed = 4 * sum(_numel(s) for k, s in shapes(m, img) if k == "pos_embed")  # the patch stays
+            ratio = paired_ratio(runs["vitresize"], runs["cp"])
+            print(
+                f"{m.name} on XFS (reflink), 224->{img}: vitresize {runs['vitresize'].wall:.2f} s, "
+                f"cp --reflink=never {runs['cp'].wall:.2f} s, wall/cp {ratio:.3f}; "
+                f"cloned {shared / MIB:.1f} MiB of {dst.stat().st_size / MIB:.1f} MiB; own blocks {own / MIB:.2f} MiB "
+                f"(changed tensors {changed / MIB:.2f} MiB); peak RSS {runs['vitresize'].rss / MIB:.0f} MiB"
+            )
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+            image.unlink(missing_ok=True)
+
+
 def _ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -425,6 +473,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="ViT-B only (CI smoke run)")
     ap.add_argument("--huge", action="store_true", help="the ViT-22B-sized sparse scale check only")
     ap.add_argument("--batch", action="store_true", help="the batch rows only")
+    ap.add_argument("--cow", action="store_true", help="the copy-on-write (XFS reflink) rows only; root, mkfs.xfs")
     ap.add_argument("--batch-count", type=int, default=100, help="conversions of the batch rows")
     ap.add_argument("--batch-repeat", type=int, default=3, help="rounds of the batch rows (medians)")
     ap.add_argument("--repeat", type=int, default=7, help="rounds of cp and vitresize runs (medians)")
@@ -450,6 +499,9 @@ def main() -> None:
         batch_bench(folder, a.batch_repeat, a.batch_count)
         return
     models = MODELS[:1] if a.quick else [m for m in MODELS if not a.only or m.name in a.only]
+    if a.cow:
+        cow_bench(models if a.only else [MODELS[-1]], folder, a.repeat)
+        return
     header = ["model", "format", "size", "operation", "wall", "wall/cp", "peak RSS", "RSS/file", "RSS-torch", "cp",
               "timm route", "vs timm"]  # fmt: skip
     print(_fmt_row(header, [9, 11, 8, 14, 8, 7, 9, 8, 10, 7, 20, 12]))
@@ -458,6 +510,8 @@ def main() -> None:
         print(f"\n{a.batch_count} {SMALL.name} conversions ({SMALL.timm_name}): one process vs one per conversion")
         print(_fmt_row(BATCH_HEADER, BATCH_WIDTHS))
         batch_bench(folder, a.batch_repeat, a.batch_count)
+        print()
+        cow_bench([MODELS[-1]], folder, a.repeat)
 
 
 if __name__ == "__main__":
