@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -87,7 +88,9 @@ def _xfs(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        gc.collect()  # tensors mapped from files on it (safetensors' loaders mmap) would keep it busy
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "--lazy", str(mnt)], check=False)  # detached now, released when unused
 
 
 def _big_vit(path: Path) -> int:
