@@ -1,5 +1,6 @@
 """Block-congruent safetensors outputs, and what a copy-on-write file system does with them: on XFS with reflink
-(loop-mounted; skipped without root, a loop device or mkfs.xfs) the unchanged tensors are cloned, not copied."""
+and on btrfs (loop-mounted; skipped without root, a loop device or the mkfs tool) the unchanged tensors are
+cloned, not copied."""
 
 from __future__ import annotations
 
@@ -67,24 +68,28 @@ def test_shared_bytes_on_an_ordinary_file(tmp_path: Path) -> None:
     assert shared_bytes(path) in (0, None)  # tmpfs may not answer FIEMAP
 
 
+MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
+"""How each copy-on-write file system is made (XFS needs reflink on; btrfs always shares)."""
+
+
 @contextlib.contextmanager
-def _xfs(tmp_path: Path) -> Iterator[Path]:
-    """A loop-mounted XFS file system with reflink, or a skip saying why there is none."""
+def _cow(tmp_path: Path, fs: str) -> Iterator[Path]:
+    """A loop-mounted copy-on-write file system, or a skip saying why there is none."""
     if os.geteuid() != 0:
-        pytest.skip("mounting an XFS image needs root")
-    for tool in ("mkfs.xfs", "mount", "umount"):
+        pytest.skip(f"mounting a {fs} image needs root")
+    for tool in (MKFS[fs][0], "mount", "umount"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install xfsprogs; make install-cow-tools)")
-    image, mnt = tmp_path / "xfs.img", tmp_path / "mnt"
+            pytest.skip(f"{tool} is not installed (apt-get install xfsprogs btrfs-progs; make install-cow-tools)")
+    image, mnt = tmp_path / f"{fs}.img", tmp_path / "mnt"
     with image.open("wb") as f:
-        f.truncate(400 << 20)  # sparse; XFS wants at least 300 MB
+        f.truncate(400 << 20)  # sparse; XFS wants at least 300 MB, btrfs 114 MB
     mnt.mkdir()
-    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True, text=True)
+    made = subprocess.run([*MKFS[fs], str(image)], capture_output=True, text=True)
     if made.returncode:
-        pytest.skip(f"mkfs.xfs -m reflink=1 failed: {made.stderr.strip()[:200]}")
+        pytest.skip(f"{' '.join(MKFS[fs])} failed: {made.stderr.strip()[:200]}")
     mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
     if mounted.returncode:
-        pytest.skip(f"cannot loop-mount an XFS image here: {mounted.stderr.strip()[:200]}")
+        pytest.skip(f"cannot loop-mount a {fs} image here: {mounted.stderr.strip()[:200]}")
     try:
         yield mnt
     finally:
@@ -108,9 +113,10 @@ def _big_vit(path: Path) -> int:
     return sd["blocks.0.big"].numel() * 4
 
 
+@pytest.mark.parametrize("fs", ["xfs", "btrfs"])
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_xfs_reflink_clones_the_unchanged_bytes(tmp_path: Path, suffix: str) -> None:
-    with _xfs(tmp_path) as mnt:
+def test_cow_file_system_clones_the_unchanged_bytes(tmp_path: Path, suffix: str, fs: str) -> None:
+    with _cow(tmp_path, fs) as mnt:
         src = mnt / f"src{suffix}"
         big = _big_vit(src)
         rep = vitresize.convert(src, mnt / "dst.safetensors", img_size=64)
