@@ -17,7 +17,7 @@ from ..options import Options, Target
 from ..resample.conventions import METHODS
 from ..resample.geometry import format_size
 from .base import Architecture, LoadResult, Outputs, Runner, Side, library_of, require
-from .images import Skipped, folder_images, sample_images
+from .images import folder_images, sample_images
 from .metrics import ImageScores, Scores, aggregate, compare
 from .results import COSINE_MARGIN, TOP1_MARGIN, Candidate, CheckReport, Gate, SideReport
 from .sides import convert_side, read_side
@@ -379,6 +379,3 @@ def check(
         gates=tuple(gates),
         warnings=tuple(warnings),
     )
-
-
-__all__ += ["Skipped"]
