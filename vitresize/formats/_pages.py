@@ -12,13 +12,18 @@ import ctypes.util
 import os
 from pathlib import Path
 
-__all__ = ["release"]
+__all__ = ["file_mappings", "release"]
 
 _MADV_DONTNEED = 4
 
 
 def _mappings(path: Path) -> list[tuple[int, int]]:
     """Address ranges of this process's mappings of ``path`` (matched by device and inode)."""
+    return [(start, end) for start, end, _ in file_mappings(path)]
+
+
+def file_mappings(path: Path) -> list[tuple[int, int, int]]:
+    """``(start, end, file offset)`` of this process's mappings of ``path`` (matched by device and inode)."""
     try:
         st = path.stat()
         lines = Path("/proc/self/maps").read_text().splitlines()
@@ -30,7 +35,7 @@ def _mappings(path: Path) -> list[tuple[int, int]]:
         parts = line.split(maxsplit=5)
         if len(parts) >= 5 and parts[4] == str(st.st_ino) and parts[3] == dev:
             start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append((start, end))
+            out.append((start, end, int(parts[2], 16)))
     return out
 
 

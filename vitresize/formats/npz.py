@@ -3,13 +3,13 @@
 Read: member headers only (``np.lib.format``), never pickles (``allow_pickle=False``); arrays are read one
 at a time when used. big_vision stores bfloat16 as raw 2-byte arrays (``|V2``); they read as bfloat16 and
 are written back as raw 2-byte arrays. Write: an ``.npz`` in the input's member order and compression, the
-unchanged members' array bytes copied as they are, the JAX layout (HWIO kernels) kept.
+unchanged members copied as they are stored (block-congruent with the input where large: a copy-on-write file
+system clones them), the JAX layout (HWIO kernels) kept.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import zipfile
 import zlib
 from pathlib import Path
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import CheckpointFormatError, UsageError
 from ..keymaps import TensorInfo
 from ._dtypes import TORCH_TO_ST
+from ._zip_index import data_offset
+from ._zip_write import Member, write_zip
 from .base import ROOT, Checkpoint, WriteJob, Writer, Written
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["NpzCheckpoint", "NpzWriter", "write_npz"]
 
 _RAW_BF16 = "V2"
+_CHECK_CHUNK = 16 * 1024 * 1024
 
 
 def _dtype_name(dtype: np.dtype[Any]) -> str | None:
@@ -148,28 +151,58 @@ class NpzWriter(Writer):
 def write_npz(
     ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor], dst: Path, progress: Progress | None = None
 ) -> int:
-    """Write ``ckpt`` to ``dst`` with the ``changed`` arrays replaced; every other member's array bytes
-    are copied as they are. Returns the bytes written."""
+    """Write ``ckpt`` to ``dst`` with the ``changed`` arrays replaced; every other member is copied as it is
+    stored (compressed or not, its CRC checked), large stored ones block-congruent with the input
+    (:mod:`._zip_write`), so a copy-on-write file system clones them. Returns the bytes written."""
     try:
-        return _write_npz(ckpt, changed, dst, progress)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a member's bytes do not match its CRC or size
+        members = _members(ckpt, changed)
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError) as e:  # a bad local header or CRC
         raise CheckpointFormatError(f"{ckpt.path} is corrupt: {e}; re-download or re-save it") from None
+    return write_zip(dst, members, progress)
 
 
-def _write_npz(ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor], dst: Path, progress: Progress | None) -> int:
+def _members(ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor]) -> list[Member]:
+    import io
+
     import numpy as np
 
-    with zipfile.ZipFile(ckpt.path) as zin, zipfile.ZipFile(dst, "w", allowZip64=True) as zout:
+    out = []
+    with open(ckpt.path, "rb") as f:
         for key, info in ckpt.members.items():
-            out = zipfile.ZipInfo(info.filename, date_time=info.date_time)
-            out.compress_type = info.compress_type
-            out.external_attr = info.external_attr
             if key in changed:
-                with zout.open(out, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, _to_numpy(changed[key], key in ckpt.raw_bf16), allow_pickle=False)
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, _to_numpy(changed[key], key in ckpt.raw_bf16), allow_pickle=False)
+                data = buf.getvalue()
+                crc, size = zlib.crc32(data), len(data)
+                method = zipfile.ZIP_STORED if info.compress_type == zipfile.ZIP_STORED else zipfile.ZIP_DEFLATED
+                if method == zipfile.ZIP_DEFLATED:  # compressed as the input's was (bzip2 and lzma: deflated)
+                    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+                    data = deflate.compress(data) + deflate.flush()
+                member = Member(
+                    info.filename,
+                    size,
+                    data=data,
+                    compress_type=method,
+                    crc=crc,
+                    date_time=info.date_time,
+                    external_attr=info.external_attr,
+                )
             else:
-                with zin.open(info) as fi, zout.open(out, "w", force_zip64=True) as fo:
-                    shutil.copyfileobj(fi, fo, 16 * 1024 * 1024)
-            if progress:
-                progress(info.file_size)
-    return dst.stat().st_size
+                known = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+                if not known:  # bzip2, lzma: checked through zipfile (it checks the CRC)
+                    with zipfile.ZipFile(ckpt.path) as z, z.open(info) as member_file:
+                        while member_file.read(_CHECK_CHUNK):
+                            pass
+                member = Member(
+                    info.filename,
+                    info.file_size,
+                    source=(ckpt.path, data_offset(f, info)),
+                    stored_size=info.compress_size,
+                    compress_type=info.compress_type,
+                    crc=info.CRC,
+                    verify=known,
+                    date_time=info.date_time,
+                    external_attr=info.external_attr,
+                )
+            out.append(member)
+    return out

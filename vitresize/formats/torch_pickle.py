@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from ..keymaps import TensorInfo
 from ._dtypes import nbytes
+from ._torch_zip import Locate
 from ._zip_index import TensorRef, check_legacy, check_zip, data_offset, is_tensor_ref, read_zip_index
 from .base import ROOT, Checkpoint, Segment, TensorPath, WriteJob, Writer, Written
 
@@ -560,7 +561,8 @@ class TorchCheckpoint(Checkpoint):
 
 
 class TorchWriter(Writer):
-    """``.pth``: the whole container (every state dict, nesting and non-tensor entries) with ``torch.save``."""
+    """``.pth``: the whole container (every state dict, nesting and non-tensor entries) in ``torch.save``'s format,
+    the storages that lie as they are in the input copied file to file (:mod:`._torch_zip`)."""
 
     format: ClassVar[str] = "torch"
     suffixes: ClassVar[tuple[str, ...]] = (".pth", ".pt", ".bin", ".ckpt")
@@ -573,6 +575,37 @@ class TorchWriter(Writer):
         ckpt = job.checkpoint
         save_container(ckpt.replaced(by_sd), out, progress, sources=ckpt.source_files())
         return Written(out.stat().st_size)
+
+
+def mapped_storages(files: tuple[Path, ...]) -> Locate:
+    """Where a storage memory-mapped from one of ``files`` lies in it (``torch.load(mmap=True)`` of a zip
+    checkpoint, safetensors' mapping), found by the address ranges of this process's mappings of the files;
+    for a zip member, with the CRC-32 its central directory gives. A zip file whose storages torch byte-swaps
+    or that holds compressed storages is left out: its mapped bytes are not the tensors' (those are written)."""
+    from ._pages import file_mappings
+
+    ranges: list[tuple[int, int, int, Path]] = []
+    members: dict[Path, dict[int, tuple[int, int]]] = {}
+    for path in files:
+        if zipfile.is_zipfile(path):
+            try:
+                table = _member_table(path)
+            except Exception:  # zipfile raises many kinds on a crafted file: write its storages instead
+                table = None
+            if table is None:
+                continue
+            members[path] = table
+        ranges += [(start, end, offset, path) for start, end, offset in file_mappings(path)]
+
+    def locate(address: int, nbytes: int) -> tuple[Path, int, int | None] | None:
+        for start, end, offset, path in ranges:
+            if start <= address and address + nbytes <= end:
+                at = offset + address - start
+                member = members.get(path, {}).get(at)
+                return path, at, member[1] if member is not None and member[0] == nbytes else None
+        return None
+
+    return locate
 
 
 def _walk(obj: Any, is_tensor: Callable[[Any], bool], first: dict[int, TensorPath]) -> Iterator[tuple[TensorPath, Any]]:
@@ -606,9 +639,9 @@ def _at(obj: Any, path: TensorPath) -> Any:
     return obj
 
 
-def _member_sizes(path: Path) -> dict[int, int] | None:
-    """File offset -> size of the data of every ``*/data/*`` member; None if any is compressed, or if the file
-    is not little-endian (torch swaps the bytes of what it maps: the file's bytes are not the tensors')."""
+def _member_table(path: Path) -> dict[int, tuple[int, int]] | None:
+    """File offset -> (size, CRC-32) of the data of every ``*/data/*`` member; None if any is compressed, or if
+    the file is not little-endian (torch swaps the bytes of what it maps: the file's bytes are not the tensors')."""
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
         infos = [i for i in z.infolist() if "/data/" in i.filename]
         if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
@@ -617,7 +650,7 @@ def _member_sizes(path: Path) -> dict[int, int] | None:
             if i.filename.lower().endswith("/byteorder") and (i.file_size != len(b"little") or z.read(i) != b"little"):
                 return None
         try:
-            return {data_offset(f, i): i.file_size for i in infos}
+            return {data_offset(f, i): (i.file_size, i.CRC) for i in infos}
         except ValueError:
             return None
 
@@ -630,10 +663,11 @@ def _file_ranges(path: Path, container: Any) -> dict[int, tuple[int, int]]:
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     storages = {p: n for p, n in storages.items() if n > 0}
     try:
-        members = _member_sizes(path)
+        table = _member_table(path)
     except Exception:  # zipfile raises many kinds on a crafted file: copy through the tensors instead
         return {}
-    starts = [offset for offset, n in (members or {}).items() if n > 0]
+    members = {offset: size for offset, (size, _) in (table or {}).items()}
+    starts = [offset for offset, n in members.items() if n > 0]
     if not storages or not members or not starts:
         return {}
     base = min(storages) - min(starts)
@@ -691,13 +725,18 @@ class _Sink:
 def save_container(
     obj: Any, dst: Path, progress: Callable[[int], None] | None = None, sources: tuple[Path, ...] = ()
 ) -> None:
-    """``torch.save`` in the zip format, through :class:`_Sink`.
+    """Save ``obj`` in ``torch.save``'s zip format: through :func:`._torch_zip.save_zip` (storages memory-mapped
+    from ``sources`` copied file to file, block-congruent), else with ``torch.save`` through :class:`_Sink`.
 
     Raises:
         OSError: the write failed (disk full, I/O error), with its errno.
     """
     import torch
 
+    from ._torch_zip import save_zip
+
+    if save_zip(obj, dst, mapped_storages(sources), progress):
+        return
     # Opened without truncation (O_TRUNC): see write_safetensors; DST is a fresh temp file.
     with os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o666), "wb") as f:
         if os.fstat(f.fileno()).st_size:
