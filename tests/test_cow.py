@@ -133,3 +133,69 @@ def test_cow_file_system_clones_the_unchanged_bytes(tmp_path: Path, suffix: str,
             safe_open(str(tmp_path / "dst.safetensors"), "pt") as g,
         ):
             assert f.metadata() == g.metadata()
+
+
+def _big_npz(path: Path) -> int:
+    """The vit_jax fixture with one 4 MiB extra kernel; its bytes."""
+    import numpy as np
+
+    arrays = dict(np.load(fixture("families/vit_jax.npz")))
+    arrays["Transformer/encoderblock_0/MlpBlock_3/Dense_9/kernel"] = np.random.default_rng(0).standard_normal(
+        (1024, 1024), dtype=np.float32
+    )
+    np.savez(path, **arrays)
+    return 4 << 20
+
+
+def _same_pth(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.equal(b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same_pth(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("fs", ["xfs", "btrfs"])
+@pytest.mark.parametrize("suffix", [".pth", ".npz"])
+def test_cow_file_system_clones_zip_outputs(tmp_path: Path, suffix: str, fs: str) -> None:
+    """.pth -> .pth and .npz -> .npz: the large unchanged members are cloned; the output reads as the one
+    written off the copy-on-write file system (torch.load with and without mmap, numpy.load)."""
+    import numpy as np
+
+    with _cow(tmp_path, fs) as mnt:
+        src, dst, img = mnt / f"src{suffix}", mnt / f"dst{suffix}", 64
+        if suffix == ".npz":
+            big, img = _big_npz(src), 48
+        else:
+            big = _big_vit(src)
+            torch.save({"model": torch.load(src, weights_only=True), "epoch": 3}, src)
+        rep = vitresize.convert(src, dst, img_size=img)
+        cloned = shared_bytes(dst)
+        assert cloned is not None and cloned >= big - 2 * BLOCK, (cloned, big)
+        assert rep.cloned_bytes == cloned
+        shutil.copy(src, tmp_path / src.name)
+        vitresize.convert(tmp_path / src.name, tmp_path / dst.name, img_size=img)
+        if suffix == ".npz":
+            with np.load(dst) as a, np.load(tmp_path / dst.name) as b:
+                assert list(a) == list(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+        else:
+            ref = torch.load(tmp_path / dst.name, weights_only=True)
+            for mmap in (False, True):
+                assert _same_pth(torch.load(dst, weights_only=True, mmap=mmap), ref)
+
+
+@pytest.mark.parametrize("fs", ["xfs", "btrfs"])
+def test_mappings_of_a_file_are_found(tmp_path: Path, fs: str) -> None:
+    """btrfs lists a mapped file under another device number than ``stat`` gives: the mapping is still found
+    (the .pth writer locates storages by it, and the page release drops what reading touched)."""
+    import mmap
+
+    from vitresize.formats._pages import file_mappings, release
+
+    with _cow(tmp_path, fs) as mnt:
+        path = mnt / "f"
+        path.write_bytes(b"x" * (1 << 20))
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert m[123] == ord("x")
+            assert [(end - start, offset) for start, end, offset in file_mappings(path)] == [(1 << 20, 0)]
+            assert release(path) == 1 << 20

@@ -18,22 +18,25 @@ _MADV_DONTNEED = 4
 
 
 def _mappings(path: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of ``path`` (matched by device and inode)."""
+    """Address ranges of this process's mappings of ``path``."""
     return [(start, end) for start, end, _ in file_mappings(path)]
 
 
 def file_mappings(path: Path) -> list[tuple[int, int, int]]:
-    """``(start, end, file offset)`` of this process's mappings of ``path`` (matched by device and inode)."""
+    """``(start, end, file offset)`` of this process's mappings of ``path``: matched by inode, and by device or by
+    the resolved path (btrfs lists its files under the file system's device, not the subvolume's that ``stat``
+    gives)."""
     try:
         st = path.stat()
         lines = Path("/proc/self/maps").read_text().splitlines()
+        real = os.path.realpath(path)
     except OSError:
         return []
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     out = []
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) >= 5 and parts[4] == str(st.st_ino) and parts[3] == dev:
+        if len(parts) >= 5 and parts[4] == str(st.st_ino) and (parts[3] == dev or parts[5:] == [real]):
             start, end = (int(x, 16) for x in parts[0].split("-"))
             out.append((start, end, int(parts[2], 16)))
     return out
