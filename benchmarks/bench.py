@@ -24,6 +24,7 @@ byte-identical.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -416,52 +417,90 @@ def _write_sparse(folder: Path) -> None:
             offset += 4 * _numel(shape)
 
 
-def cow_bench(models: list[Model], folder: Path, repeat: int) -> None:
-    """On a loop-mounted XFS with reflink: ``vitresize convert`` (safetensors -> safetensors) against
-    ``cp --reflink=never`` of the same file, and the disk the output takes of its own (its blocks not shared).
-    Needs root and mkfs.xfs (``make install-cow-tools``); says why it is skipped otherwise."""
+COW_HEADER = ["on XFS (reflink)", "operation", "wall", "wall/cp", "cp", "cloned", "own blocks", "changed", "peak RSS"]
+COW_WIDTHS = [34, 10, 8, 7, 7, 11, 10, 9, 9]
+
+
+@contextlib.contextmanager
+def _xfs(folder: Path, size: int) -> Iterator[Path]:
+    """A loop-mounted XFS with reflink (a sparse image of ``size`` bytes), unmounted and deleted after."""
+    image, mnt = folder / "cow-xfs.img", folder / "cow-xfs"
+    with image.open("wb") as f:
+        f.truncate(max(size, 400 << 20))
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        image.unlink(missing_ok=True)
+
+
+def _cow_row(label: str, op: str, src: Path, dst: Path, img: int, changed: int, repeat: int) -> list[str]:
+    """One conversion on the XFS mount against ``cp --reflink=never`` of its input, taking turns."""
     from vitresize.formats._fiemap import shared_bytes
 
+    cp_out = dst.with_name("cp" + src.suffix)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = measure_interleaved(
+        {
+            "cp": Cmd(["cp", "--reflink=never", str(src), str(cp_out)], outputs=(cp_out,)),
+            "vitresize": Cmd([*VITRESIZE, "convert", str(src), str(dst), "--img-size", str(img), "--force", "-q"],
+                             env, (dst,)),
+        },
+        repeat,
+    )  # fmt: skip
+    os.sync()
+    shared = shared_bytes(dst) or 0
+    own = dst.stat().st_blocks * 512 - shared
+    cp_out.unlink(missing_ok=True)
+    row = [
+        label,
+        op,
+        f"{runs['vitresize'].wall:.2f} s",
+        f"{paired_ratio(runs['vitresize'], runs['cp']):.2f}",
+        f"{runs['cp'].wall:.2f} s",
+        f"{shared / MIB:.0f} MiB",
+        f"{own / MIB:.1f} MiB",
+        f"{changed / MIB:.1f} MiB",
+        f"{runs['vitresize'].rss / MIB:.0f} MiB",
+    ]
+    print(_fmt_row(row, COW_WIDTHS), flush=True)
+    return row
+
+
+def cow_bench(models: list[Model], folder: Path, repeat: int) -> list[list[str]]:
+    """On a loop-mounted XFS with reflink: ``vitresize convert`` (safetensors -> safetensors, zip .pth -> .pth
+    and -> safetensors) against ``cp --reflink=never`` of the same file, the bytes of the output cloned and
+    the disk it takes of its own (its blocks not shared); and the sparse ViT-22B-sized file (its holes stay holes,
+    so cp's time is that of reading them). ``changed`` is the bytes of the tensors that change (the position
+    table). Needs root and mkfs.xfs (``make install-cow-tools``); says why it is skipped otherwise."""
     if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
         print("copy-on-write rows skipped: they need root and mkfs.xfs (make install-cow-tools)")
-        return
+        return []
+    print(_fmt_row(COW_HEADER, COW_WIDTHS))
+    rows = []
     for m in models:
-        src, _ = make_checkpoints(m, folder)
-        image, mnt = folder / "cow-xfs.img", folder / "cow-xfs"
-        with image.open("wb") as f:
-            f.truncate(max(3 * src.stat().st_size + (1 << 30), 400 << 20))
-        mnt.mkdir(exist_ok=True)
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
-        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
-        try:
-            x = mnt / src.name
-            subprocess.run(["cp", "--reflink=never", str(src), str(x)], check=True)
-            img = 384 if 384 % m.patch == 0 else 392
-            cp_out, dst = mnt / "cp.safetensors", mnt / "out.safetensors"
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            runs = measure_interleaved(
-                {
-                    "cp": Cmd(["cp", "--reflink=never", str(x), str(cp_out)], outputs=(cp_out,)),
-                    "vitresize": Cmd(
-                        [*VITRESIZE, "convert", str(x), str(dst), "--img-size", str(img), "--force", "-q"], env, (dst,)
-                    ),
-                },
-                repeat,
-            )
-            os.sync()
-            shared = shared_bytes(dst) or 0
-            own = dst.stat().st_blocks * 512 - shared
-            changed = 4 * sum(_numel(s) for k, s in shapes(m, img) if k == "pos_embed")  # the patch stays
-            ratio = paired_ratio(runs["vitresize"], runs["cp"])
-            print(
-                f"{m.name} on XFS (reflink), 224->{img}: vitresize {runs['vitresize'].wall:.2f} s, "
-                f"cp --reflink=never {runs['cp'].wall:.2f} s, wall/cp {ratio:.3f}; "
-                f"cloned {shared / MIB:.1f} MiB of {dst.stat().st_size / MIB:.1f} MiB; own blocks {own / MIB:.2f} MiB "
-                f"(changed tensors {changed / MIB:.2f} MiB); peak RSS {runs['vitresize'].rss / MIB:.0f} MiB"
-            )
-        finally:
-            subprocess.run(["umount", str(mnt)], check=False)
-            image.unlink(missing_ok=True)
+        st, pth = make_checkpoints(m, folder)
+        img = 384 if 384 % m.patch == 0 else 392
+        changed = 4 * sum(_numel(s) for k, s in shapes(m, img) if k == "pos_embed")  # the patch stays
+        size = st.stat().st_size
+        with _xfs(folder, 4 * size + (1 << 30)) as mnt:
+            for src in (st, pth):
+                subprocess.run(["cp", "--reflink=never", str(src), str(mnt / src.name)], check=True)
+            for src, dst in ((st, "out.safetensors"), (pth, "out.pth"), (pth, "out.safetensors")):
+                fmt = "safetensors" if src.suffix == ".safetensors" else "zip .pth"
+                label = f"{m.name} {fmt} -> {Path(dst).suffix.lstrip('.')}"
+                rows.append(_cow_row(label, f"224->{img}", mnt / src.name, mnt / dst, img, changed, repeat))
+                (mnt / dst).unlink(missing_ok=True)
+    with _xfs(folder, 4 << 30) as mnt:
+        subprocess.run([PY, __file__, "--make", HUGE.name, "--dir", str(mnt)], check=True)
+        src = mnt / "vit_22b_sparse.safetensors"
+        changed = 4 * sum(_numel(s) for k, s in shapes(HUGE, 392) if k == "pos_embed")
+        label = f"{HUGE.name} safetensors ({src.stat().st_size / 1e9:.0f} GB sparse)"
+        rows.append(_cow_row(label, "224->392", src, mnt / "out.safetensors", 392, changed, max(1, repeat // 3)))
+    return rows
 
 
 def _ram() -> int:

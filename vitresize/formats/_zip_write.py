@@ -5,8 +5,9 @@ storage of a mapped checkpoint) by the copy engine (:func:`._copy.start_copier`:
 kernel). A copy-on-write file system (XFS with reflink, btrfs, ZFS block cloning) clones such a copy instead of
 copying it only where source and destination offsets are congruent modulo the block size, so each large copied
 member's local header is padded (an extra field of filler bytes, as ``torch.save``'s own writer pads to 64)
-until its data starts at an offset congruent to its source's. Small members are not padded (a block of padding
-would cost more than it saves); the others start at a multiple of ``Member.align``.
+until its data starts at an offset congruent to its source's (unless that would leave data that asks for an
+alignment misaligned from 8 bytes: a safetensors file's tensors may lie anywhere). Small members are not padded
+(a block of padding would cost more than it saves); the others start at a multiple of ``Member.align``.
 
 The layout follows from names and sizes alone: the file is sized up front, the copies run in a child process
 while this one writes the members held in memory and computes the CRC-32 of copied members whose CRC is not
@@ -102,7 +103,7 @@ def _place(members: Sequence[Member]) -> tuple[list[_Placed], int]:
     at = 0
     for m in members:
         fixed = at + _LOCAL.size + len(m.raw_name) + (20 if _zip64_local(m) else 0)
-        if m.source is not None and m.stored >= CLONE_MIN:
+        if m.source is not None and m.stored >= CLONE_MIN and m.source[1] % min(m.align, 8) == 0:
             modulus, target = _copy.BLOCK, m.source[1]
         else:
             modulus, target = max(m.align, 1), 0
@@ -220,8 +221,8 @@ def _crc_of_range(fd: int, offset: int, length: int, compress_type: int, size: i
         offset += len(chunk)
         length -= len(chunk)
         if inflate is not None:
-            chunk = inflate.decompress(chunk, size - produced + 1)
-            if inflate.unconsumed_tail:
+            chunk = inflate.decompress(chunk, size - produced + 1)  # at least 1: 0 would mean no limit
+            if inflate.unconsumed_tail or produced + len(chunk) > size:
                 raise CheckpointFormatError("a member inflates past its declared size (corrupt or crafted?)")
         produced += len(chunk)
         crc = zlib.crc32(chunk, crc)

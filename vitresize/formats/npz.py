@@ -182,6 +182,7 @@ def _members(ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor]) -> list[Memb
                     info.filename,
                     size,
                     data=data,
+                    stored_size=len(data),
                     compress_type=method,
                     crc=crc,
                     date_time=info.date_time,
