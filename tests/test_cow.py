@@ -199,3 +199,21 @@ def test_mappings_of_a_file_are_found(tmp_path: Path, fs: str) -> None:
             assert m[123] == ord("x")
             assert [(end - start, offset) for start, end, offset in file_mappings(path)] == [(1 << 20, 0)]
             assert release(path) == 1 << 20
+
+
+def test_cow_file_system_clones_a_sharded_folder(tmp_path: Path) -> None:
+    """A sharded transformers folder: the shards without the position table are cloned whole, the one holding
+    it is rewritten with its other tensors cloned; the output loads into the model at the new size."""
+    import transformers
+
+    with _cow(tmp_path, "xfs") as mnt:
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=1024)  # fmt: skip
+        transformers.ViTModel(config).save_pretrained(mnt / "src", max_shard_size="2MB")
+        shards = sorted((mnt / "src").glob("*.safetensors"))
+        assert len(shards) > 2
+        rep = vitresize.convert(mnt / "src", mnt / "dst", img_size=64)
+        total = sum(p.stat().st_size for p in shards)
+        assert rep.cloned_bytes is not None and rep.cloned_bytes >= total - 4 * (1 << 20) // 4 - 8 * BLOCK * len(shards)
+        model = transformers.ViTModel.from_pretrained(mnt / "dst")
+        assert model.config.image_size == 64

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError
 
-__all__ = ["Copier", "Copies", "Progress", "start_copier", "write_all"]
+__all__ = ["Copier", "Copies", "Progress", "copy_range", "start_copier", "write_all"]
 
 _COPY_CHUNK = 16 * 1024 * 1024  # buffered fallback
 # copy_file_range: ask for as much as the kernel takes in one call (MAX_RW_COUNT), as cp does. Measured on
@@ -111,6 +111,9 @@ def _copy_range(
         run -= n
         if progress:
             progress(n)
+
+
+copy_range = _copy_range
 
 
 def _hole_at(fd: int, offset: int, length: int) -> tuple[int, int]:

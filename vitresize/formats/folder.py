@@ -26,12 +26,9 @@ Such a link is read, and copied, as a regular file with the blob's permission bi
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import shutil
 import stat
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointFormatError
 from ..keymaps import TensorInfo
+from . import _copy
 from ._dtypes import nbytes
 from ._files import describe_kind, open_regular, read_json
 from .atomic import atomic_folder, check_folder_destination, check_not_holding, permissions
@@ -185,18 +183,13 @@ def copy_regular(src: Path, dst: Path, *, mode: int) -> int:
     """
     with open_regular(src, follow=False) as fin:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fout:
-            done = 0
-            try:
-                if sys.platform != "linux":
-                    raise OSError(errno.ENOSYS, "no sendfile between files")
-                while n := os.sendfile(fout.fileno(), fin.fileno(), done, 1 << 30):  # in the kernel, as cp does
-                    done += n
-            except OSError as e:
-                if done or e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                done = fout.tell()
+        try:
+            done = os.fstat(fin.fileno()).st_size
+            os.ftruncate(fd, done)  # sized first: holes of a sparse file stay holes
+            # copy_file_range (a copy-on-write file system clones the whole file), else through a buffer
+            _copy.copy_range(fin.fileno(), fd, 0, done, 0)
+        finally:
+            os.close(fd)
     dst.chmod(mode)
     return done
 
