@@ -6,12 +6,14 @@ not reproduce (another convention, a patch change, non-finite values) goes to to
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, fixture
@@ -116,7 +118,7 @@ def test_kernel_variant_follows_torch(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
         else:
             monkeypatch.setenv("ATEN_CPU_CAPABILITY", env)
-        monkeypatch.setattr(torchfree.metadata, "version", lambda _: version)
+        monkeypatch.setattr(torchfree, "_torch_version", lambda: version)
         kernel_variant.cache_clear()
         return kernel_variant()
 
@@ -138,6 +140,41 @@ def test_kernel_variant_follows_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.undo()
         kernel_variant.cache_clear()
+
+
+def test_torch_version_is_read_without_importing_torch() -> None:
+    script = (
+        "import sys\n"
+        "from vitresize.resample.torchfree import _torch_version\n"
+        "print(_torch_version(), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [torch.__version__, "False"]
+
+
+def test_torch_version_falls_back_to_the_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.machinery
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.machinery.ModuleSpec("torch", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.14.0")
+    (tmp_path / "version.py").write_text("from typing import Optional\n__version__: str = '2.14.2+cpu'\n")
+    assert torchfree._torch_version() == "2.14.2+cpu"
+    (tmp_path / "version.py").write_text("# no version here\n")
+    assert torchfree._torch_version() == "2.14.0"
+    (tmp_path / "version.py").unlink()
+    assert torchfree._torch_version() == "2.14.0"
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert torchfree._torch_version() is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert torchfree._torch_version() is None
 
 
 @needs_variant
@@ -266,3 +303,123 @@ def test_nothing_to_resample_imports_no_torch(tmp_path: Path, verify: bool) -> N
         check=True,
     ).stdout
     assert out.split() == ["None", "0", "False"]
+
+
+@needs_variant
+@pytest.mark.parametrize(
+    ("old", "new", "scale"), [((5, 7), (9, 4), 1e-38), ((6, 6), (11, 13), 1e-41), ((12, 4), (7, 9), 1e-44)]
+)
+def test_values_near_the_subnormals_equal_timm(
+    monkeypatch: pytest.MonkeyPatch, old: tuple[int, int], new: tuple[int, int], scale: float
+) -> None:
+    """Sums that may fall below ``2**-126``, where the float64 of a halfway sum has more low 0 bits: checked
+    as such (``normal`` false), and like the others once the values are scaled up."""
+    assert VARIANT is not None
+    gen = torch.Generator().manual_seed(5)
+    tiny = (torch.randn(1, old[0] * old[1], 24, generator=gen, dtype=torch.float64) * scale).float()
+    tiny[0, ::3, ::2] = 0.0
+    fma_into = torchfree._fma_into
+    normal: list[bool] = []
+    monkeypatch.setattr(torchfree, "_fma_into", lambda *args: normal.append(args[-1]) or fma_into(*args))
+    for pe, stays_normal in [(tiny, False), (tiny / scale, True)]:
+        normal.clear()
+        want = resample_abs_pos_embed(pe, list(new), list(old), 0).numpy().tobytes()
+        got = resample_pos_table(
+            pe.numpy().tobytes(),
+            "float32",
+            tuple(pe.shape),
+            old_grid=old,
+            new_grid=new,
+            num_prefix_tokens=0,
+            variant=VARIANT,
+        )
+        assert got is not None and got.to_bytes() == want
+        assert set(normal) == ({stays_normal} if VARIANT == "fma" else set())
+
+
+def _odd_significand(x: float) -> tuple[int, int]:
+    """``(W, e)`` with ``|x| = W * 2**e``, ``W`` odd (``x`` a nonzero float32)."""
+    mantissa, e = math.frexp(abs(x))
+    m = int(mantissa * 2**24)
+    zeros = (m & -m).bit_length() - 1
+    return m >> zeros, e - 24 + zeros
+
+
+def _trap_product(w: float) -> tuple[int, int, int] | None:
+    """``(T, m, r)``: ``T < 2**24`` with ``T * W = 2**(m-1) + r (mod 2**m)``, ``0 < |r| < 2**(m-30)`` (``W``:
+    ``w``'s odd significand). Scaled so that ``2**m`` is a float32 spacing, ``T * W`` is just off halfway, by
+    less than float64 resolves there; added to a float32 of that spacing, it rounds to exactly halfway."""
+    big_w = _odd_significand(w)[0]
+    for m in range(31, 41):  # (the search grows as 2**m; up to 40 finds one for ~1 in 4 weights)
+        inv = pow(big_w, -1, 2**m)
+        for r in [s * k for k in range(1, 2 ** (m - 30)) for s in (1, -1)]:
+            t = (2 ** (m - 1) + r) * inv % 2**m
+            if 0 < t < 2**24:
+                return t, m, r
+    return None
+
+
+def _double_rounding_traps(n_in: int, n_out: int, dim: int, zeros: bool) -> torch.Tensor:
+    """A ``[n_in, dim]`` float32 table (rows: the resampled axis) where one channel per output that the weights
+    allow has a first fused sum (``acc = t0 * w0``, then ``fma(t1, w1, acc)``) that rounds differently in
+    float64-then-float32 than in one FMA; its later taps 0 with ``zeros``, other values random."""
+    first, count, w = torchfree._axis_weights(n_in, n_out, True)
+    gen = torch.Generator().manual_seed(n_in * 100 + n_out)
+    table = torch.randn(n_in, dim, generator=gen)
+    channel = 0
+    for i in range(n_out):
+        if not 2 <= count[i] <= 4 or w[i, 0] == 0 or w[i, 1] == 0 or channel >= dim:
+            continue  # (the 2nd product is fused for 2 to 4 taps)
+        trap = _trap_product(float(w[i, 1]))
+        if trap is None:
+            continue
+        t, m, r = trap
+        big_w, e_w = _odd_significand(float(w[i, 1]))
+        j = -23  # acc in [1, 2), its float32 spacing 2**j
+        t1 = math.copysign(math.ldexp(t, j - m - e_w), float(w[i, 1]))  # t1 * w1 = T * W * 2**(j - m) > 0
+        q = (t * big_w) >> m  # acc + t1 * w1 = (acc / 2**j + q + 1/2 + r / 2**m) * 2**j
+        t0 = np.float32(1.25 / float(w[i, 0]))
+        for _ in range(64):  # acc = fl(t0 * w0) with the parity that makes ties-to-even round the wrong way
+            acc = np.float32(t0 * np.float32(w[i, 0]))
+            if 1 <= acc < 1.9 and (int(math.ldexp(float(acc), -j)) + q) % 2 == (r < 0):
+                break
+            t0 = np.nextafter(t0, np.float32(np.inf))
+        table[first[i], channel] = float(t0)
+        table[first[i] + 1, channel] = t1
+        if zeros:
+            table[first[i] + 2 : first[i] + count[i], channel] = 0.0
+        channel += 1
+    return table
+
+
+@pytest.mark.parametrize(("n_in", "n_out", "zeros"), [(16, 28, False), (5, 9, True), (6, 11, True)])
+@pytest.mark.parametrize("axis", ["width", "height"])
+def test_fused_sums_that_float64_rounds_to_a_tie(
+    monkeypatch: pytest.MonkeyPatch, n_in: int, n_out: int, zeros: bool, axis: str
+) -> None:
+    """Sums whose float64 value is exactly halfway between two float32: only the FMA's single rounding gives
+    torch's bits, so the round-to-odd fix-up must find and move them (in a few outputs of a pass, or, with the
+    zeros' exact sums, in many)."""
+    if VARIANT != "fma":
+        pytest.skip("torch's kernel here does not fuse")
+    rows = _double_rounding_traps(n_in, n_out, 16, zeros)
+    old, new = ((1, n_in), (1, n_out)) if axis == "width" else ((n_in, 1), (n_out, 1))
+    pe = rows[None]  # [1, n_in, dim]: the rows are a grid of 1 x n_in or n_in x 1
+    want = resample_abs_pos_embed(pe, list(new), list(old), 0).numpy().tobytes()
+
+    def run() -> bytes:
+        got = resample_pos_table(
+            pe.numpy().tobytes(),
+            "float32",
+            tuple(pe.shape),
+            old_grid=old,
+            new_grid=new,
+            num_prefix_tokens=0,
+            variant="fma",
+        )
+        assert got is not None
+        return bytes(got.to_bytes())
+
+    assert run() == want
+    monkeypatch.setattr(torchfree, "_round_to_odd", lambda p, c, s: False)
+    assert run() != want  # the traps are real: rounding the float64 sums as they are gives other bits
