@@ -7,6 +7,8 @@
 ...     report = p.execute("vit_384.safetensors")
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__ as __version__
 from .api import convert as convert
 from .api import inspect as inspect
@@ -21,13 +23,28 @@ from .errors import OutputExistsError as OutputExistsError
 from .errors import UnsafeCheckpointError as UnsafeCheckpointError
 from .errors import UsageError as UsageError
 from .errors import VitresizeError as VitresizeError
-from .fidelity.check import check as check
-from .fidelity.results import CheckReport as CheckReport
 from .options import Options as Options
 from .options import Target as Target
 from .plans import Plan as Plan
 from .report import Inspection as Inspection
 from .report import Report as Report
+
+if TYPE_CHECKING:
+    from .fidelity.check import check as check
+    from .fidelity.results import CheckReport as CheckReport
+
+
+def __getattr__(name: str) -> Any:
+    """``check`` and ``CheckReport``, imported when first used: a conversion does not pay for them."""
+    if name == "check":
+        from .fidelity.check import check
+
+        return check
+    if name == "CheckReport":
+        from .fidelity.results import CheckReport
+
+        return CheckReport
+    raise AttributeError(f"module 'vitresize' has no attribute {name!r}")
 
 __all__ = [
     "CheckReport",
