@@ -201,6 +201,7 @@ def test_mappings_of_a_file_are_found(tmp_path: Path, fs: str) -> None:
             assert release(path) == 1 << 20
 
 
+@pytest.mark.slow
 def test_cow_file_system_clones_a_sharded_folder(tmp_path: Path) -> None:
     """A sharded transformers folder: the shards without the position table are cloned whole, the one holding
     it is rewritten with its other tensors cloned; the output loads into the model at the new size."""

@@ -456,6 +456,7 @@ def test_zip64_npz_and_pth(tmp_path: Path) -> None:
     assert loaded["big"].shape == (BIG,) and loaded["big"][-100:].eq(0).all()
 
 
+@pytest.mark.slow
 def test_zip64_member_count(tmp_path: Path) -> None:
     """Over 65535 members: the count goes in the ZIP64 end record."""
     n = 0x10000 + 5
