@@ -805,3 +805,102 @@ def test_pth_member_names(tmp_path: Path) -> None:
     with zipfile.ZipFile(out) as z:
         assert z.read("archive/byteorder") == b"little"
     assert torch.load(out, weights_only=True)["epoch"] == 3
+
+
+# ---------------------------------------------------------------- 6. found in review
+
+
+def test_a_storage_changed_in_place_is_written_as_it_is_in_memory(tmp_path: Path) -> None:
+    """torch.load(mmap=True) maps the file privately: a tensor changed in place no longer holds the file's
+    bytes, so it is not copied from the file (the whole mapping is written from memory)."""
+    from vitresize.formats.torch_pickle import save_container
+
+    src, dst = tmp_path / "in.pth", tmp_path / "out.pth"
+    torch.save({"a": torch.ones(50_000), "b": torch.zeros(50_000)}, src)
+    sd = torch.load(src, weights_only=True, mmap=True)
+    sd["a"].mul_(3)
+    save_container(sd, dst, sources=(src,))
+    got = torch.load(dst, weights_only=True)
+    assert got["a"].eq(3).all() and got["b"].eq(0).all()
+    # untouched, the same storages are copied from the file (congruent) and read back equal
+    sd = torch.load(src, weights_only=True, mmap=True)
+    save_container(sd, dst.with_name("again.pth"), sources=(src,))
+    assert torch.load(dst.with_name("again.pth"), weights_only=True)["a"].eq(1).all()
+
+
+def test_a_corrupt_deflated_npz_member_is_one_line(tmp_path: Path, run: Any) -> None:
+    """A compressed member whose deflate stream is broken: refused while writing, exit 1, no traceback."""
+    arrays = dict(np.load(FAM / "vit_jax.npz"))
+    arrays["extra"] = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
+    src = tmp_path / "c.npz"
+    np.savez_compressed(src, **arrays)
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo("extra.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + info.compress_size // 2 : start + info.compress_size // 2 + 400] = b"\xff" * 400
+    src.write_bytes(bytes(data))
+    res = run("convert", src, tmp_path / "o.npz", "--img-size", "48")
+    assert res.exit_code == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "corrupt" in res.stderr and "extra.npy" in res.stderr and res.stderr.count("\n") == 1
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_inflating_for_the_crc_check_takes_bounded_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each inflate call gives at most a chunk, however compressible the member (zeros inflate ~1000x)."""
+    monkeypatch.setattr(_zip_write, "_CRC_CHUNK", 4096)
+    zeros = bytes(1 << 20)
+    packed = _deflate(zeros)
+    src = _source(tmp_path, [(0, packed)], len(packed))
+    limits: list[int] = []
+    real = zlib.decompressobj
+
+    class Spy:
+        def __init__(self, *args: Any) -> None:
+            self.inner = real(*args)
+
+        def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+            limits.append(max_length)
+            return self.inner.decompress(data, max_length)
+
+        @property
+        def unconsumed_tail(self) -> bytes:
+            return self.inner.unconsumed_tail
+
+    monkeypatch.setattr(_zip_write.zlib, "decompressobj", Spy)
+    m = Member("z", len(zeros), source=(src, 0), stored_size=len(packed), compress_type=DEFLATED,
+               crc=zlib.crc32(zeros), verify=True)  # fmt: skip
+    write_zip(tmp_path / "o.zip", [m])
+    monkeypatch.undo()  # zipfile inflates with the same module
+    assert limits and all(0 < n <= 4096 for n in limits)
+    with zipfile.ZipFile(tmp_path / "o.zip") as z:
+        assert z.read("z") == zeros
+
+
+def test_a_source_range_past_the_end_is_refused_before_writing(tmp_path: Path) -> None:
+    src = _source(tmp_path, [], 1000)
+    m = Member("big.npy", 10_000, source=(src, 500), verify=True, crc=0)
+    with pytest.raises(CheckpointFormatError, match=r"big\.npy.*past the end of the file"):
+        write_zip(tmp_path / "o.zip", [m])
+    assert not (tmp_path / "o.zip").exists()  # refused before the output is created
+
+
+def test_pth_without_crcs_falls_back_to_torch_save(tmp_path: Path) -> None:
+    """torch.serialization.set_crc32_options(False): torch's in-memory records carry no CRC; torch.save writes."""
+    src, dst = fixture("timm_vit_cls.pth"), tmp_path / "o.pth"
+    torch.serialization.set_crc32_options(False)
+    try:
+        vitresize.convert(src, dst, img_size=48)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    sd = torch.load(dst, weights_only=True)
+    assert sd["pos_embed"].shape[1] == 1 + 6 * 6
+
+
+def test_padding_is_never_below_a_field_header() -> None:
+    """Alignments under 4 still give a filler field of 4 bytes or more."""
+    for align in (2, 3, 5):
+        for name_len in range(1, 9):
+            placed, _ = _zip_write._place([Member("n" * name_len, 3, data=b"abc", align=align)])
+            assert placed[0].padding == 0 or placed[0].padding >= 4
+            assert placed[0].data % align == 0

@@ -46,6 +46,11 @@ def __getattr__(name: str) -> Any:
         return CheckReport
     raise AttributeError(f"module 'vitresize' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 __all__ = [
     "CheckReport",
     "CheckpointFormatError",

@@ -82,21 +82,24 @@ def save_zip(obj: Any, dst: Path, locate: Locate, progress: Progress | None = No
         with opener(small) as writer:
             records = _Records(writer)
             save(obj, records, pickle, ts.DEFAULT_PROTOCOL, False)
-    except TypeError:  # another signature of the internals
+    except (TypeError, AttributeError):  # other internals (a signature; skip_data's write_record_metadata)
         return False
     members = []
-    with zipfile.ZipFile(io.BytesIO(small.getvalue())) as z:
-        names = [i.filename.partition("/")[2] for i in z.infolist()]
-        if "data.pkl" not in names or "byteorder" not in names:
-            return False
-        for info in z.infolist():
-            name = info.filename.partition("/")[2]
-            if name in _LEFT_OUT:
-                continue
-            data = z.read(info)
-            members.append(Member(f"{_ARCHIVE}/{name}", len(data), data=data, align=_ALIGN, date_time=_DATE))
-            if name == "byteorder":
-                members += _storages(records.storages if records else [], locate)
+    try:
+        with zipfile.ZipFile(io.BytesIO(small.getvalue())) as z:
+            names = [i.filename.partition("/")[2] for i in z.infolist()]
+            if "data.pkl" not in names or "byteorder" not in names:
+                return False
+            for info in z.infolist():
+                name = info.filename.partition("/")[2]
+                if name in _LEFT_OUT:
+                    continue
+                data = z.read(info)
+                members.append(Member(f"{_ARCHIVE}/{name}", len(data), data=data, align=_ALIGN, date_time=_DATE))
+                if name == "byteorder":
+                    members += _storages(records.storages if records else [], locate)
+    except zipfile.BadZipFile:  # torch wrote no CRCs (set_crc32_options(False)): let torch.save write it all
+        return False
     write_zip(dst, members, progress)
     return True
 

@@ -6,8 +6,9 @@ kernel). A copy-on-write file system (XFS with reflink, btrfs, ZFS block cloning
 copying it only where source and destination offsets are congruent modulo the block size, so each large copied
 member's local header is padded (an extra field of filler bytes, as ``torch.save``'s own writer pads to 64)
 until its data starts at an offset congruent to its source's (unless that would leave data that asks for an
-alignment misaligned from 8 bytes: a safetensors file's tensors may lie anywhere). Small members are not padded
-(a block of padding would cost more than it saves); the others start at a multiple of ``Member.align``.
+alignment misaligned from 8 bytes: a safetensors file's tensors may lie anywhere). Smaller members are not placed
+congruent (a block of padding would cost more than it saves); they, and the members written from memory, start
+at a multiple of ``Member.align`` (64 for torch's storages, 1 for ``.npz`` members).
 
 The layout follows from names and sizes alone: the file is sized up front, the copies run in a child process
 while this one writes the members held in memory and computes the CRC-32 of copied members whose CRC is not
@@ -61,6 +62,7 @@ class Member:
         verify: read the source's bytes and refuse them if they do not match ``crc`` (a corrupt input member).
         align: where it is not placed congruent with a source, its data starts at a multiple of this.
         date_time, external_attr: as ``zipfile.ZipInfo`` has them.
+        flag_bits: general-purpose flags the method needs (the input's bits 1-2: its compression options).
     """
 
     name: str
@@ -74,6 +76,7 @@ class Member:
     align: int = 1
     date_time: tuple[int, int, int, int, int, int] = (1980, 1, 1, 0, 0, 0)
     external_attr: int = 0
+    flag_bits: int = 0
 
     @property
     def stored(self) -> int:
@@ -108,7 +111,9 @@ def _place(members: Sequence[Member]) -> tuple[list[_Placed], int]:
         else:
             modulus, target = max(m.align, 1), 0
         gap = (target - fixed) % modulus
-        padding = 0 if gap == 0 else gap if gap >= 4 else gap + modulus
+        padding = gap
+        while 0 < padding < 4:  # a filler field takes 4 bytes at least
+            padding += modulus
         placed.append(_Placed(m, at, padding, fixed + padding, m.crc))
         at = fixed + padding + m.stored
     return placed, at
@@ -120,11 +125,12 @@ def _date(dt: tuple[int, int, int, int, int, int]) -> tuple[int, int]:
 
 
 def _flags(m: Member) -> int:
-    return 0 if m.name.isascii() else _UTF8
+    return m.flag_bits | (0 if m.name.isascii() else _UTF8)
 
 
 def _version(m: Member, zip64: bool) -> int:
-    return 45 if zip64 else 20
+    """The version needed to extract: ZIP64 4.5, bzip2 4.6, LZMA 6.3, else 2.0 (as Python's zipfile writes)."""
+    return max(45 if zip64 else 20, {12: 46, 14: 63}.get(m.compress_type, 20))
 
 
 def _local_header(p: _Placed) -> bytes:
@@ -208,35 +214,66 @@ def _central(placed: Sequence[_Placed], start: int) -> bytes:
     return directory + tail
 
 
-def _crc_of_range(fd: int, offset: int, length: int, compress_type: int, size: int) -> int:
-    """The CRC-32 of a member's data read from a file: its stored bytes, or what they inflate to (at most
-    ``size`` bytes: a member that inflates to more is refused)."""
-    crc = 0
-    inflate = zlib.decompressobj(-zlib.MAX_WBITS) if compress_type == DEFLATED else None
-    produced = 0
-    while length > 0:
-        chunk = os.pread(fd, min(length, _CRC_CHUNK), offset)
-        if not chunk:
-            raise CheckpointFormatError("source file ended early while reading a member (truncated?)")
-        offset += len(chunk)
-        length -= len(chunk)
-        if inflate is not None:
-            chunk = inflate.decompress(chunk, size - produced + 1)  # at least 1: 0 would mean no limit
-            if inflate.unconsumed_tail or produced + len(chunk) > size:
-                raise CheckpointFormatError("a member inflates past its declared size (corrupt or crafted?)")
-        produced += len(chunk)
-        crc = zlib.crc32(chunk, crc)
-    if produced != size:
-        raise CheckpointFormatError(f"a member holds {produced} bytes, its header says {size} (corrupt?)")
+def _crc_of_range(fd: int, m: Member) -> int:
+    """The CRC-32 of a copied member's data read from its source: its stored bytes, or what they inflate to (at
+    most its ``size``, inflated a chunk at a time: a member that inflates to more is refused).
+
+    Raises:
+        CheckpointFormatError: the source is cut short, or its bytes do not inflate to ``size`` bytes.
+    """
+    assert m.source is not None
+    path, offset = m.source
+    where = f"{path}: member {m.name!r}"
+    crc = produced = 0
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS) if m.compress_type == DEFLATED else None
+    length = m.stored
+    try:
+        while length > 0:
+            chunk = os.pread(fd, min(length, _CRC_CHUNK), offset)
+            if not chunk:
+                raise CheckpointFormatError(f"{where} is cut short (truncated file?); re-download or re-save it")
+            offset += len(chunk)
+            length -= len(chunk)
+            while chunk:
+                data = inflate.decompress(chunk, _CRC_CHUNK) if inflate is not None else chunk
+                chunk = inflate.unconsumed_tail if inflate is not None else b""
+                produced += len(data)
+                if produced > m.size:
+                    raise CheckpointFormatError(
+                        f"{where} inflates past its declared {m.size} bytes (corrupt or crafted?); re-download or "
+                        f"re-save it"
+                    )
+                crc = zlib.crc32(data, crc)
+    except zlib.error as e:
+        raise CheckpointFormatError(f"{where} is corrupt ({e}); re-download or re-save it") from None
+    if produced != m.size:
+        raise CheckpointFormatError(
+            f"{where} holds {produced} bytes, its header says {m.size} (corrupt?); re-download or re-save it"
+        )
     return crc
+
+
+def _check_sources(members: Sequence[Member], fds: dict[Path, int]) -> None:
+    """Refuse a member whose source range runs past the end of its file (a crafted or cut directory)."""
+    for m in members:
+        if m.source is not None:
+            path, offset = m.source
+            end = os.fstat(fds[path]).st_size
+            if offset < 0 or offset + m.stored > end:
+                raise CheckpointFormatError(
+                    f"{path}: member {m.name!r} declares {m.stored} bytes at offset {offset}, past the end of the "
+                    f"file ({end} bytes; truncated or corrupt?); re-download or re-save it"
+                )
 
 
 def write_zip(dst: Path, members: Sequence[Member], progress: Progress | None = None) -> int:
     """Write a zip archive of ``members``, in order, to ``dst`` (a fresh file); returns its size.
 
     Raises:
-        CheckpointFormatError: a copied member's bytes do not match its CRC (``verify``), or a source is cut short.
+        CheckpointFormatError: a copied member's bytes do not match its CRC (``verify``), do not inflate to its
+            size, or lie past the end of its source.
         OSError: reading a source or writing ``dst`` failed.
+        InternalError: members that contradict themselves (a bug of the caller).
     """
     for m in members:
         if m.data is not None and len(m.data) != m.stored:
@@ -250,13 +287,15 @@ def write_zip(dst: Path, members: Sequence[Member], progress: Progress | None = 
     fd = -1
     copier: _copy.Copier | None = None
     try:
-        copies: _copy.Copies = []
-        for p in placed:
-            if p.member.source is not None:
-                path, off = p.member.source
-                if path not in fds:
-                    fds[path] = os.open(path, os.O_RDONLY)
-                copies.append((fds[path], off, p.member.stored, p.data))
+        for m in members:
+            if m.source is not None and m.source[0] not in fds:
+                fds[m.source[0]] = os.open(m.source[0], os.O_RDONLY)
+        _check_sources(members, fds)
+        copies: _copy.Copies = [
+            (fds[p.member.source[0]], p.member.source[1], p.member.stored, p.data)
+            for p in placed
+            if p.member.source is not None
+        ]
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o666)  # no O_TRUNC: see write_safetensors
         os.ftruncate(fd, directory_start)
         copier = _copy.start_copier(copies, fd, progress)
@@ -267,7 +306,7 @@ def write_zip(dst: Path, members: Sequence[Member], progress: Progress | None = 
                 if p.crc is None:
                     p.crc = zlib.crc32(m.data)
             elif m.source is not None and (p.crc is None or m.verify):
-                got = _crc_of_range(fds[m.source[0]], m.source[1], m.stored, m.compress_type, m.size)
+                got = _crc_of_range(fds[m.source[0]], m)
                 if p.crc is not None and got != p.crc:
                     raise CheckpointFormatError(
                         f"{m.source[0]}: member {m.name!r} does not match its CRC-32 (corrupt file?); re-download "

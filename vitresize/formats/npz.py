@@ -152,11 +152,11 @@ def write_npz(
     ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor], dst: Path, progress: Progress | None = None
 ) -> int:
     """Write ``ckpt`` to ``dst`` with the ``changed`` arrays replaced; every other member is copied as it is
-    stored (compressed or not, its CRC checked), large stored ones block-congruent with the input
+    stored (compressed or not, its CRC checked), the large ones block-congruent with the input
     (:mod:`._zip_write`), so a copy-on-write file system clones them. Returns the bytes written."""
     try:
         members = _members(ckpt, changed)
-    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError) as e:  # a bad local header or CRC
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, OSError) as e:  # a bad local header or CRC
         raise CheckpointFormatError(f"{ckpt.path} is corrupt: {e}; re-download or re-save it") from None
     return write_zip(dst, members, progress)
 
@@ -191,9 +191,14 @@ def _members(ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor]) -> list[Memb
             else:
                 known = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
                 if not known:  # bzip2, lzma: checked through zipfile (it checks the CRC)
-                    with zipfile.ZipFile(ckpt.path) as z, z.open(info) as member_file:
-                        while member_file.read(_CHECK_CHUNK):
-                            pass
+                    import lzma
+
+                    try:
+                        with zipfile.ZipFile(ckpt.path) as z, z.open(info) as member_file:
+                            while member_file.read(_CHECK_CHUNK):
+                                pass
+                    except lzma.LZMAError as e:
+                        raise zipfile.BadZipFile(f"member {info.filename!r}: {e}") from None
                 member = Member(
                     info.filename,
                     info.file_size,
@@ -204,6 +209,7 @@ def _members(ckpt: NpzCheckpoint, changed: dict[str, torch.Tensor]) -> list[Memb
                     verify=known,
                     date_time=info.date_time,
                     external_attr=info.external_attr,
+                    flag_bits=info.flag_bits & 0x6,  # the method's options (LZMA's end-of-stream marker)
                 )
             out.append(member)
     return out

@@ -580,9 +580,10 @@ class TorchWriter(Writer):
 def mapped_storages(files: tuple[Path, ...]) -> Locate:
     """Where a storage memory-mapped from one of ``files`` lies in it (``torch.load(mmap=True)`` of a zip
     checkpoint, safetensors' mapping), found by the address ranges of this process's mappings of the files;
-    for a zip member, with the CRC-32 its central directory gives. A zip file whose storages torch byte-swaps
-    or that holds compressed storages is left out: its mapped bytes are not the tensors' (those are written)."""
-    from ._pages import file_mappings
+    for a zip member, with the CRC-32 its central directory gives. Left out (their storages are written from
+    memory): a mapping with a page written in this process (a tensor changed in place), and a zip file whose
+    storages torch byte-swaps or that holds compressed ones: their mapped bytes are not the tensors'."""
+    from ._pages import unwritten_mappings
 
     ranges: list[tuple[int, int, int, Path]] = []
     members: dict[Path, dict[int, tuple[int, int]]] = {}
@@ -595,7 +596,7 @@ def mapped_storages(files: tuple[Path, ...]) -> Locate:
             if table is None:
                 continue
             members[path] = table
-        ranges += [(start, end, offset, path) for start, end, offset in file_mappings(path)]
+        ranges += [(start, end, offset, path) for start, end, offset in unwritten_mappings(path)]
 
     def locate(address: int, nbytes: int) -> tuple[Path, int, int | None] | None:
         for start, end, offset, path in ranges:
