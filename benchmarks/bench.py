@@ -162,6 +162,7 @@ class Cmd:
     argv: list[str]
     env: dict[str, str] | None = None
     outputs: tuple[Path, ...] = ()
+    cold: bool = False  # drop the page cache first (root): the input, and the programs' own files, read from disk
 
 
 def _run_once(cmd: Cmd) -> tuple[float, int]:
@@ -173,6 +174,8 @@ def _run_once(cmd: Cmd) -> tuple[float, int]:
     for p in cmd.outputs:
         p.unlink(missing_ok=True)
     os.sync()
+    if cmd.cold:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd.argv, stdout=subprocess.DEVNULL, stderr=err, env=cmd.env)
@@ -437,17 +440,20 @@ def _xfs(folder: Path, size: int) -> Iterator[Path]:
         image.unlink(missing_ok=True)
 
 
-def _cow_row(label: str, op: str, src: Path, dst: Path, img: int, changed: int, repeat: int) -> list[str]:
-    """One conversion on the XFS mount against ``cp --reflink=never`` of its input, taking turns."""
+def _cow_row(
+    label: str, op: str, src: Path, dst: Path, img: int, changed: int, repeat: int, cold: bool = False
+) -> list[str]:
+    """One conversion on the XFS mount against ``cp --reflink=never`` of its input, taking turns (``cold``: the
+    page cache dropped before each run of either)."""
     from vitresize.formats._fiemap import shared_bytes
 
     cp_out = dst.with_name("cp" + src.suffix)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     runs = measure_interleaved(
         {
-            "cp": Cmd(["cp", "--reflink=never", str(src), str(cp_out)], outputs=(cp_out,)),
+            "cp": Cmd(["cp", "--reflink=never", str(src), str(cp_out)], outputs=(cp_out,), cold=cold),
             "vitresize": Cmd([*VITRESIZE, "convert", str(src), str(dst), "--img-size", str(img), "--force", "-q"],
-                             env, (dst,)),
+                             env, (dst,), cold),
         },
         repeat,
     )  # fmt: skip
@@ -494,6 +500,9 @@ def cow_bench(models: list[Model], folder: Path, repeat: int) -> list[list[str]]
                 label = f"{m.name} {fmt} -> {Path(dst).suffix.lstrip('.')}"
                 rows.append(_cow_row(label, f"224->{img}", mnt / src.name, mnt / dst, img, changed, repeat))
                 (mnt / dst).unlink(missing_ok=True)
+            label = f"{m.name} safetensors, cold cache"  # a checkpoint at rest: nothing of it in memory
+            cold = _cow_row(label, f"224->{img}", mnt / st.name, mnt / "out.safetensors", img, changed, repeat, True)
+            rows.append(cold)
     with _xfs(folder, 4 << 30) as mnt:
         subprocess.run([PY, __file__, "--make", HUGE.name, "--dir", str(mnt)], check=True)
         src = mnt / "vit_22b_sparse.safetensors"
