@@ -585,7 +585,7 @@ def mapped_storages(files: tuple[Path, ...]) -> Locate:
     storages torch byte-swaps or that holds compressed ones: their mapped bytes are not the tensors'."""
     from ._pages import unwritten_mappings
 
-    ranges: list[tuple[int, int, int, Path]] = []
+    usable: list[Path] = []
     members: dict[Path, dict[int, tuple[int, int]]] = {}
     for path in files:
         if zipfile.is_zipfile(path):
@@ -596,7 +596,9 @@ def mapped_storages(files: tuple[Path, ...]) -> Locate:
             if table is None:
                 continue
             members[path] = table
-        ranges += [(start, end, offset, path) for start, end, offset in unwritten_mappings(path)]
+        usable.append(path)
+    mapped = unwritten_mappings(usable)
+    ranges = [(start, end, offset, path) for path in usable for start, end, offset in mapped[path]]
 
     def locate(address: int, nbytes: int) -> tuple[Path, int, int | None] | None:
         for start, end, offset, path in ranges:
