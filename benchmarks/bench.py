@@ -538,6 +538,9 @@ def main() -> None:
             _write_checkpoints(next(m for m in [*MODELS, SMALL] if m.name == a.make), folder)
         return
     print(f"machine: {os.cpu_count()} cores, {_ram() / 2**30:.0f} GiB RAM, Python {sys.version.split()[0]}")
+    # An installed wheel has its bytecode; an editable install compiles each module at every start where
+    # PYTHONDONTWRITEBYTECODE is set (as on this project's machines): ~0.14 s of a conversion's ~0.4 s start-up.
+    subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "vitresize")], check=True, stdout=subprocess.DEVNULL)
     if a.huge:
         huge(folder)
         return
