@@ -73,8 +73,9 @@ MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-
 
 
 @contextlib.contextmanager
-def _cow(tmp_path: Path, fs: str) -> Iterator[Path]:
-    """A loop-mounted copy-on-write file system, or a skip saying why there is none."""
+def _cow(tmp_path: Path, fs: str, size: int = 400 << 20) -> Iterator[Path]:
+    """A loop-mounted copy-on-write file system (a sparse image of ``size`` bytes), or a skip saying why there is
+    none."""
     if os.geteuid() != 0:
         pytest.skip(f"mounting a {fs} image needs root")
     for tool in (MKFS[fs][0], "mount", "umount"):
@@ -82,7 +83,7 @@ def _cow(tmp_path: Path, fs: str) -> Iterator[Path]:
             pytest.skip(f"{tool} is not installed (apt-get install xfsprogs btrfs-progs; make install-cow-tools)")
     image, mnt = tmp_path / f"{fs}.img", tmp_path / "mnt"
     with image.open("wb") as f:
-        f.truncate(400 << 20)  # sparse; XFS wants at least 300 MB, btrfs 114 MB
+        f.truncate(size)  # sparse; XFS wants at least 300 MB, btrfs 114 MB
     mnt.mkdir()
     made = subprocess.run([*MKFS[fs], str(image)], capture_output=True, text=True)
     if made.returncode:
@@ -160,6 +161,8 @@ def _same_pth(a: object, b: object) -> bool:
 def test_cow_file_system_clones_zip_outputs(tmp_path: Path, suffix: str, fs: str) -> None:
     """.pth -> .pth and .npz -> .npz: the large unchanged members are cloned; the output reads as the one
     written off the copy-on-write file system (torch.load with and without mmap, numpy.load)."""
+    import filecmp
+
     import numpy as np
 
     with _cow(tmp_path, fs) as mnt:
@@ -175,6 +178,7 @@ def test_cow_file_system_clones_zip_outputs(tmp_path: Path, suffix: str, fs: str
         assert rep.cloned_bytes == cloned
         shutil.copy(src, tmp_path / src.name)
         vitresize.convert(tmp_path / src.name, tmp_path / dst.name, img_size=img)
+        assert filecmp.cmp(dst, tmp_path / dst.name, shallow=False)  # byte for byte the output made off XFS
         if suffix == ".npz":
             with np.load(dst) as a, np.load(tmp_path / dst.name) as b:
                 assert list(a) == list(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
@@ -218,3 +222,53 @@ def test_cow_file_system_clones_a_sharded_folder(tmp_path: Path) -> None:
         assert rep.cloned_bytes is not None and rep.cloned_bytes >= total - 4 * (1 << 20) // 4 - 8 * BLOCK * len(shards)
         model = transformers.ViTModel.from_pretrained(mnt / "dst")
         assert model.config.image_size == 64
+
+
+def _write_multi_gb(path: Path, big: int) -> None:
+    """A tiny ViT's tensors and one ``big``-byte uint8 tensor of real (not sparse) bytes, as a safetensors file
+    written directly (the tensor is never in memory: a 1 MiB random pattern repeated, its last MiB different)."""
+    import timm
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=10)  # fmt: skip
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    header: dict[str, object] = {}
+    at = 0
+    for k, v in sd.items():
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [at, at + v.numel() * 4]}
+        at += v.numel() * 4
+    header["blocks.0.big"] = {"dtype": "U8", "shape": [big], "data_offsets": [at, at + big]}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    pattern = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for v in sd.values():
+            f.write(v.numpy().tobytes())
+        for _ in range(big // len(pattern) - 1):
+            f.write(pattern)
+        f.write(os.urandom(big - (big // len(pattern) - 1) * len(pattern)))
+
+
+@pytest.mark.slow
+def test_cow_multi_gb_file(tmp_path: Path) -> None:
+    """A 2.2 GB checkpoint of real bytes (past a 2 GiB copy_file_range call) on XFS: the output clones all but
+    the changed table, and is byte for byte the output written on the machine's own file system."""
+    import filecmp
+
+    big = (2 << 30) + (200 << 20) + 12_345
+    with _cow(tmp_path, "xfs", size=6 << 30) as mnt:
+        src = mnt / "src.safetensors"
+        _write_multi_gb(src, big)
+        rep = vitresize.convert(src, mnt / "dst.safetensors", img_size=64)
+        assert rep.cloned_bytes is not None and rep.cloned_bytes >= big - 2 * BLOCK, rep.cloned_bytes
+        local = tmp_path / "local"
+        local.mkdir()
+        shutil.copyfile(src, local / "src.safetensors")
+        vitresize.convert(local / "src.safetensors", local / "dst.safetensors", img_size=64)
+        assert filecmp.cmp(mnt / "dst.safetensors", local / "dst.safetensors", shallow=False)
+        with safe_open(str(mnt / "dst.safetensors"), "pt") as f, safe_open(str(src), "pt") as g:
+            a, b = f.get_slice("blocks.0.big"), g.get_slice("blocks.0.big")
+            assert a[big - 4096 :].equal(b[big - 4096 :]) and a[:4096].equal(b[:4096])
+            assert f.get_tensor("pos_embed").shape == (1, 65, 32)
+        (local / "src.safetensors").unlink()
