@@ -283,22 +283,16 @@ def write_zip(dst: Path, members: Sequence[Member], progress: Progress | None = 
         if m.compress_type != STORED and m.crc is None:
             raise InternalError(f"zip member {m.name!r} is compressed: its CRC must be given")
     placed, directory_start = _place(members)
-    fds: dict[Path, int] = {}
-    fd = -1
-    copier: _copy.Copier | None = None
-    try:
-        for m in members:
-            if m.source is not None and m.source[0] not in fds:
-                fds[m.source[0]] = os.open(m.source[0], os.O_RDONLY)
+    with _copy.Output() as out:
+        fds = {m.source[0]: out.source(m.source[0]) for m in members if m.source is not None}
         _check_sources(members, fds)
         copies: _copy.Copies = [
             (fds[p.member.source[0]], p.member.source[1], p.member.stored, p.data)
             for p in placed
             if p.member.source is not None
         ]
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o666)  # no O_TRUNC: see write_safetensors
-        os.ftruncate(fd, directory_start)
-        copier = _copy.start_copier(copies, fd, progress)
+        fd = out.create(dst, directory_start)
+        copier = out.start(copies, progress)
         for p in placed:
             m = p.member
             if m.data is not None:
@@ -315,17 +309,9 @@ def write_zip(dst: Path, members: Sequence[Member], progress: Progress | None = 
                 p.crc = got
             if copier.failed():
                 break
-        copier.join()
-        copier = None
+        out.join()
         for p in placed:
             _copy.write_all(fd, memoryview(_local_header(p)), p.header)
         tail = _central(placed, directory_start)
         _copy.write_all(fd, memoryview(tail), directory_start)
         return directory_start + len(tail)
-    finally:
-        if copier is not None:
-            copier.cancel()
-        if fd >= 0:
-            os.close(fd)
-        for src in fds.values():
-            os.close(src)

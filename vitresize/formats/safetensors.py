@@ -553,19 +553,14 @@ def write_safetensors(
     """
     segs = list(segments)
     head = _header_bytes(segs, metadata, congruent_start(segs))
-    fds: dict[Path, int] = {}
-    fd = -1
-    copier: _copy.Copier | None = None
-    try:
+    with _copy.Output() as out:
         copies: _copy.Copies = []  # (src_fd, offset, length, dst_offset)
         produced: list[tuple[Segment, int]] = []
         at = len(head)
         for s in segs:
             if s.source is not None:
                 path, off = s.source
-                src = fds.get(path)
-                if src is None:
-                    src = fds[path] = os.open(path, os.O_RDONLY)
+                src = out.source(path)
                 last = copies[-1] if copies else None
                 if last is not None and last[0] == src and last[1] + last[2] == off and last[3] + last[2] == at:
                     copies[-1] = (src, last[1], last[2] + s.nbytes, last[3])
@@ -574,12 +569,9 @@ def write_safetensors(
             else:
                 produced.append((s, at))
             at += s.nbytes
-        # No O_TRUNC: DST is a fresh temp file, and truncating an existing file makes ext4 (auto_da_alloc)
-        # push all of its delayed blocks to disk on close, which cost ~1 s per 4 GB here. ftruncate sizes it.
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o666)
-        os.ftruncate(fd, at)  # sized up front: ranges land in any order, and source holes stay holes
+        fd = out.create(dst, at)
         _copy.write_all(fd, memoryview(head), 0, progress)
-        copier = _copy.start_copier(copies, fd, progress)
+        copier = out.start(copies, progress)
         for s, offset in produced:
             data = tensor_bytes(s.load())
             if len(data) != s.nbytes:
@@ -587,13 +579,5 @@ def write_safetensors(
             _copy.write_all(fd, data, offset, progress)
             if copier.failed():
                 break
-        copier.join()
-        copier = None
+        out.join()
         return at
-    finally:
-        if copier is not None:
-            copier.cancel()
-        if fd >= 0:
-            os.close(fd)
-        for src in fds.values():
-            os.close(src)
