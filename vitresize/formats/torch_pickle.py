@@ -659,29 +659,20 @@ def _member_table(path: Path) -> dict[int, tuple[int, int]] | None:
 
 
 def _file_ranges(path: Path, container: Any) -> dict[int, tuple[int, int]]:
-    """``id(tensor) -> (file offset, length)`` for the contiguous tensors of a memory-mapped zip checkpoint."""
+    """``id(tensor) -> (file offset, length)`` for the contiguous tensors of a memory-mapped zip checkpoint whose
+    storages :func:`mapped_storages` finds in the file (not byte-swapped, stored, no page written in memory)."""
     import torch
 
-    tensors = [v for _, sd in iter_state_dicts(container) for v in sd.values() if isinstance(v, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    storages = {p: n for p, n in storages.items() if n > 0}
-    try:
-        table = _member_table(path)
-    except Exception:  # zipfile raises many kinds on a crafted file: copy through the tensors instead
-        return {}
-    members = {offset: size for offset, (size, _) in (table or {}).items()}
-    starts = [offset for offset, n in members.items() if n > 0]
-    if not storages or not members or not starts:
-        return {}
-    base = min(storages) - min(starts)
-    if any(members.get(p - base) != n for p, n in storages.items()):
-        return {}  # not the layout this relies on (each storage a whole member): copy through the tensors
+    locate = mapped_storages((path,))
     out = {}
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if nbytes and t.is_contiguous() and t.untyped_storage().nbytes() > 0:
-            start = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
-            out[id(t)] = (int(start), int(nbytes))
+    for _, sd in iter_state_dicts(container):
+        for t in sd.values():
+            if not isinstance(t, torch.Tensor) or not t.is_contiguous():
+                continue
+            nbytes, storage = t.numel() * t.element_size(), t.untyped_storage()
+            found = locate(storage.data_ptr(), storage.nbytes()) if nbytes and storage.nbytes() else None
+            if found is not None:
+                out[id(t)] = (int(found[1] + t.storage_offset() * t.element_size()), int(nbytes))
     return out
 
 
