@@ -413,9 +413,13 @@ def _below(
     """The keys of the model at ``prefix``, relative to it: those of models nested deeper (a table and a kernel
     under a longer prefix) left out."""
     keys = [k[len(prefix) :] for k in tensors if k.startswith(prefix)]
+    suffixes = tuple(sep + t for t in tables)
+    candidates = [k for k in keys if k.endswith(suffixes)]  # one C call a key: this runs per family and prefix
+    if not candidates:
+        return keys
     present = set(keys)
     nested = set()
-    for k in keys:
+    for k in candidates:
         for t in tables:
             n = k[: len(k) - len(t)]
             if k.endswith(sep + t) and n and any(n + kern in present for kern in kernels):
