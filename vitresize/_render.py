@@ -1,25 +1,29 @@
-"""Everything the CLI shows: tables and summaries on stdout, messages on stderr, JSON. The only rich user."""
+"""Everything the CLI shows: tables and summaries on stdout, messages on stderr, JSON. The only rich user.
+
+rich is imported where something is rendered with it, not with this module: a ``--json`` or ``-q`` run that has
+nothing to warn about never loads it (~20 ms of a start-up that, for a cloned ViT-g, is the whole conversion).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .plans import Embedding
 from .report import Inspection, Report
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     from .batch import BatchReport, LineResult
     from .fidelity.results import CheckReport
 from .resample.geometry import format_size
@@ -58,11 +62,15 @@ def clean(text: object) -> str:
 
 def _markup(text: object) -> str:
     """User text for a rich markup string: cleaned, and ``[`` not read as a tag (``/data/[exp1]/ckpt.pth``)."""
+    from rich.markup import escape
+
     return escape(clean(text))
 
 
 def _cell(text: object) -> Text:
     """A table cell: cleaned plain text, never markup."""
+    from rich.text import Text
+
     return Text(clean(text))
 
 
@@ -85,13 +93,28 @@ def _discard(stream: Any) -> None:
             os.close(null)
 
 
-class _Console(Console):
-    """A console whose closed pipe is an exception for the caller to judge: rich's own points stdout (even for a
-    console on stderr) at /dev/null and exits with status 1."""
+@functools.cache
+def _console_class() -> type[Console]:
+    from rich.console import Console
 
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+    class _Console(Console):
+        """A console whose closed pipe is an exception for the caller to judge: rich's own points stdout (even
+        for a console on stderr) at /dev/null and exits with status 1."""
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return _Console
+
+
+def _console(**kwargs: Any) -> Console:
+    """A rich console (``rich.console.Console``'s arguments) that raises on a closed pipe."""
+    return _console_class()(**kwargs)
+
+
+def _err_console() -> Console:
+    return _console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class StdoutError(Exception):
@@ -106,32 +129,39 @@ class StdoutError(Exception):
 
 
 @contextlib.contextmanager
-def _stdout() -> Iterator[Console]:
-    """A console on stdout, made per call (a failed print leaves rich's buffer full); failures as StdoutError.
+def _plain_stdout() -> Iterator[TextIO]:
+    """stdout, for writes whose failures come out as StdoutError.
 
-    An encoding that is not UTF (``PYTHONIOENCODING=ascii``) gets ASCII table boxes from rich and backslash
-    escapes for the characters it cannot encode, instead of an error.
+    An encoding that is not UTF (``PYTHONIOENCODING=ascii``) gets backslash escapes for the characters it cannot
+    encode, instead of an error.
     """
     out = sys.stdout
     if out is None:  # started with stdout closed (>&-)
         raise StdoutError("it is closed")
     encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")
-    # Piped output (CI logs) gets a wide console instead of rich's 80 columns, so keys and shapes never wrap.
-    console = _Console(highlight=False, width=None if _isatty(out) or "COLUMNS" in os.environ else 160)
     try:
         if not encoding.startswith("utf") and isinstance(out, io.TextIOWrapper) and out.errors == "strict":
             out.reconfigure(errors="backslashreplace")
-        yield console
+        yield out
     except (OSError, UnicodeEncodeError) as e:
         _discard(out)
         reason = (e.strerror if isinstance(e, OSError) else None) or str(e)
         raise StdoutError(reason, broken_pipe=isinstance(e, BrokenPipeError)) from e
 
 
+@contextlib.contextmanager
+def _stdout() -> Iterator[Console]:
+    """A console on stdout, made per call (a failed print leaves rich's buffer full); failures as StdoutError.
+    A stdout that is not UTF gets ASCII table boxes from rich (and escapes, as :func:`_plain_stdout`)."""
+    with _plain_stdout() as out:
+        # Piped output (CI logs) gets a wide console instead of rich's 80 columns, so keys and shapes never wrap.
+        yield _console(highlight=False, width=None if _isatty(out) or "COLUMNS" in os.environ else 160)
+
+
 def _say(markup: str) -> None:
     """One line on stderr. Best effort: with stderr closed, full or a closed pipe there is nowhere left to tell."""
     try:
-        _Console(stderr=True, highlight=False, soft_wrap=True).print(markup)
+        _err_console().print(markup)
     except (OSError, ValueError):
         _discard(sys.stderr)
 
@@ -159,9 +189,9 @@ def line_out(text: str) -> None:
     Raises:
         StdoutError: stdout is closed or broken.
     """
-    with _stdout():
-        sys.stdout.write(clean(text) + "\n")
-        sys.stdout.flush()
+    with _plain_stdout() as out:
+        out.write(clean(text) + "\n")
+        out.flush()
 
 
 def _cli(message: str) -> str:
@@ -185,9 +215,9 @@ def json_out(data: dict[str, Any]) -> None:
     Raises:
         StdoutError: stdout is closed or broken.
     """
-    with _stdout():
-        sys.stdout.write(json.dumps(_cli_values(data), separators=(",", ":")) + "\n")
-        sys.stdout.flush()
+    with _plain_stdout() as out:
+        out.write(json.dumps(_cli_values(data), separators=(",", ":")) + "\n")
+        out.flush()
 
 
 def error(message: str) -> None:
@@ -209,8 +239,8 @@ PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 @contextlib.contextmanager
 def progress(size: int, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A transient progress bar on stderr for big inputs when stderr is a terminal; else ``None``."""
-    err = _Console(stderr=True, highlight=False, soft_wrap=True)
-    if not enabled or size < PROGRESS_MIN_BYTES or not err.is_terminal:
+    err = _err_console() if enabled and size >= PROGRESS_MIN_BYTES else None
+    if err is None or not err.is_terminal:
         yield None
         return
     from rich.progress import (
@@ -237,6 +267,8 @@ def progress(size: int, *, enabled: bool) -> Iterator[Callable[[int, int], None]
 
 
 def _summary(rows: list[tuple[str, str]]) -> Table:
+    from rich.table import Table
+
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
@@ -251,6 +283,8 @@ def report(rep: Report, *, verbose: bool = False) -> None:
     Raises:
         StdoutError: stdout is closed or broken.
     """
+    from rich.table import Table
+
     plan = rep.plan
     table = None
     if plan.changes:
@@ -367,6 +401,8 @@ def inspection(ins: Inspection) -> None:
     Raises:
         StdoutError: stdout is closed or broken.
     """
+    from rich.table import Table
+
     rows = [
         ("file", str(ins.path)),
         ("format", f"{ins.format} ({_bytes(ins.size_bytes)})"),
@@ -413,8 +449,8 @@ def inspection(ins: Inspection) -> None:
 @contextlib.contextmanager
 def count_progress(what: str, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A transient progress bar counting items (``check``'s images) on stderr when it is a terminal."""
-    err = _Console(stderr=True, highlight=False, soft_wrap=True)
-    if not enabled or not err.is_terminal:
+    err = _err_console() if enabled else None
+    if err is None or not err.is_terminal:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -441,6 +477,8 @@ def check_report(rep: CheckReport, *, verbose: bool = False) -> None:
     Raises:
         StdoutError: stdout is closed or broken.
     """
+    from rich.table import Table
+
     o, c = rep.original, rep.converted
     rows = [
         (
@@ -514,6 +552,8 @@ def batch_report(rep: BatchReport) -> None:
     Raises:
         StdoutError: stdout is closed or broken.
     """
+    from rich.table import Table
+
     table = Table(header_style="bold")
     table.add_column("Line", justify="right")
     table.add_column("SRC", overflow="fold")
