@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -371,3 +372,47 @@ def test_toy_format_from_the_cli(toy: None, tmp_path: Path, run: Any) -> None:
 def test_unknown_extension_lists_the_registered_ones(toy: None, tmp_path: Path) -> None:
     with pytest.raises(vitresize.UsageError, match=r"\.toy"):
         vitresize.convert(SRC, tmp_path / "out.unknown", img_size=48)
+
+
+# The registries import a format's module when a file of that format is read or written (formats/_registry.py).
+
+
+def test_registry_imports_an_entry_on_first_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "vitresize_lazy_probe.py").write_text("class Thing:\n    class Inner:\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from vitresize.formats._registry import Registry
+
+    made: list[type] = []
+
+    def make(cls: type) -> type:
+        made.append(cls)
+        return cls
+
+    entries = {"thing": "vitresize_lazy_probe:Thing", "inner": "vitresize_lazy_probe:Thing.Inner", "obj": int}
+    reg: Registry[Any] = Registry(entries, make=make)
+    assert list(reg) == ["thing", "inner", "obj"] and len(reg) == 3
+    assert "vitresize_lazy_probe" not in sys.modules
+    assert reg.loaded() == {"obj": int}  # an object registered as such is not passed through make
+    assert reg["inner"].__qualname__ == "Thing.Inner"
+    assert "vitresize_lazy_probe" in sys.modules
+    assert set(reg.loaded()) == {"inner", "obj"}
+    assert reg["inner"] is reg["inner"] and made == [reg["inner"]]  # imported and made once
+    reg["toy"] = str
+    del reg["thing"]
+    assert list(reg) == ["inner", "obj", "toy"] and reg["toy"] is str
+    with pytest.raises(KeyError):
+        reg["thing"]
+    with pytest.raises(ValueError, match="not 'module:name'"):
+        Registry({"bad": "no_colon"})
+
+
+def test_lazily_registered_readers_have_no_magic() -> None:
+    """sniff() reads the signatures of the readers registered as objects only, so as not to import every format
+    for each file: a reader with a magic of its own must be registered as its class (CONTRIBUTING.md)."""
+    for name in list(formats.READERS):
+        reader = formats.READERS[name]  # imports it
+        assert getattr(reader, "magic", b"") == b"", name
+    from vitresize.formats.folder import FolderWriter, ShardedCheckpoint
+
+    assert FolderWriter.format == ShardedCheckpoint.writer == formats.FOLDER
+    assert [formats.WRITERS[n].format for n in formats.WRITERS] == list(formats.WRITERS)

@@ -5,24 +5,25 @@ One module per format, each with its reader (a :class:`~.base.Checkpoint`) and i
 through them. Only this package reads checkpoint files (and ``_verify``, which hashes the byte ranges segments
 point to). Adding a format is its module and a line in :data:`READERS` (with the bytes :func:`sniff` knows it by)
 and/or :data:`WRITERS`, and a writer's name in :data:`vitresize.options.OutputFormat`.
+
+The registries name their readers and writers by module (:class:`._registry.Registry`): a format's module is
+imported when a file of that format is read or written, so a safetensors conversion never loads the pickle and
+zip code.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError, UsageError
 from ._files import MAX_JSON_BYTES, MAX_JSON_DEPTH, describe_kind, is_folder, open_regular, read_json
+from ._registry import Registry
 from .base import ROOT, Checkpoint, Writer
-from .folder import FolderWriter, ShardedCheckpoint
-from .npz import NpzCheckpoint, NpzWriter
-from .safetensors import SafetensorsCheckpoint, SafetensorsWriter
 from .sidecar import find_sidecar
-from .torch_pickle import TorchCheckpoint, TorchWriter
 
 __all__ = [
     "MAX_JSON_BYTES",
@@ -41,22 +42,46 @@ __all__ = [
     "writer_for",
 ]
 
-READERS: dict[str, Callable[[Path], Checkpoint]] = {
-    "safetensors": SafetensorsCheckpoint,
-    "torch-zip": TorchCheckpoint.zip,
-    "torch-legacy": TorchCheckpoint.legacy,
-    "npz": NpzCheckpoint,
-}
-"""Input formats by the name :func:`sniff` gives them, each with the reader that opens it."""
+READERS: Registry[Callable[[Path], Checkpoint]] = Registry(
+    {
+        "safetensors": ".safetensors:SafetensorsCheckpoint",
+        "torch-zip": ".torch_pickle:TorchCheckpoint.zip",
+        "torch-legacy": ".torch_pickle:TorchCheckpoint.legacy",
+        "npz": ".npz:NpzCheckpoint",
+    },
+    package=__name__,
+)
+"""Input formats by the name :func:`sniff` gives them, each with the reader that opens it. A reader with a
+:attr:`~.base.Checkpoint.magic` of its own is registered as the class itself (``READERS["toy"] = ToyCheckpoint``):
+:func:`sniff` looks for the signatures of the readers it holds as objects, and imports none to do so."""
 
-WRITERS: dict[str, Writer] = {w.format: w for w in (SafetensorsWriter(), TorchWriter(), NpzWriter())}
-"""Output formats by name; a destination's extension picks one (:attr:`Writer.suffixes`)."""
+WRITERS: Registry[Writer] = Registry(
+    {
+        "safetensors": ".safetensors:SafetensorsWriter",
+        "torch": ".torch_pickle:TorchWriter",
+        "npz": ".npz:NpzWriter",
+    },
+    package=__name__,
+    make=lambda cls: cls(),
+)
+"""Output formats by name (:attr:`Writer.format`); a destination's extension picks one (:attr:`Writer.suffixes`),
+trying them in this order."""
 
-FOLDER_WRITER = FolderWriter(WRITERS)
-"""The writer of a model folder: each file rewritten in its own format (:attr:`Checkpoint.writer`)."""
+FOLDER = "folder"
+"""The :attr:`Checkpoint.writer` of a model folder."""
+
+
+@functools.cache
+def _folder_writer() -> Writer:
+    """The writer of a model folder: each file rewritten in its own format (:attr:`Checkpoint.writer`)."""
+    from .folder import FolderWriter
+
+    return FolderWriter(WRITERS)
 
 
 def _zip_kind(path: Path) -> str:
+    import zipfile
+
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -85,7 +110,8 @@ def sniff(path: Path) -> str:
     """
     if is_folder(path):
         raise CheckpointFormatError(f"{path} is a folder; pass the checkpoint file inside it")
-    longest = max(len(getattr(reader, "magic", b"")) for reader in READERS.values())
+    signed = {name: magic for name, r in READERS.loaded().items() if (magic := getattr(r, "magic", b""))}
+    longest = max(map(len, signed.values()), default=0)
     with open_regular(path) as f:
         try:
             head = f.read(max(9, longest))
@@ -94,9 +120,8 @@ def sniff(path: Path) -> str:
         size = os.fstat(f.fileno()).st_size
     if not head:
         raise CheckpointFormatError(f"{path} is empty (0 bytes); re-download or re-save it")
-    for name, reader in READERS.items():  # a format with a signature of its own
-        magic = getattr(reader, "magic", b"")
-        if magic and head.startswith(magic):
+    for name, magic in signed.items():  # a format with a signature of its own
+        if head.startswith(magic):
             return name
     if head.startswith(b"PK\x03\x04"):
         return _zip_kind(path)
@@ -119,6 +144,8 @@ def sniff(path: Path) -> str:
 def open_file(path: Path) -> Checkpoint:
     """Open a checkpoint file (by its content, whatever its extension says) or a model folder, lazily."""
     if is_folder(path):
+        from .folder import ShardedCheckpoint
+
         return ShardedCheckpoint(path, open_file=open_file)
     return READERS[sniff(path)](path)
 
@@ -142,10 +169,10 @@ def writer_for(ckpt: Checkpoint, dst: Path) -> Writer:
     Raises:
         UsageError: ``dst`` has no extension of a known format.
     """
-    if ckpt.writer == FOLDER_WRITER.format:
-        return FOLDER_WRITER
+    if ckpt.writer == FOLDER:
+        return _folder_writer()
     suffix = dst.suffix.lower()
-    for w in WRITERS.values():
+    for w in WRITERS.values():  # imported one by one until one claims the suffix
         if suffix in w.suffixes:
             return w
     known = ", ".join(s for w in WRITERS.values() for s in w.suffixes)
