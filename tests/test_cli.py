@@ -42,6 +42,25 @@ def test_usage_screens_do_not_import_torch(args: list[str]) -> None:
     assert "TORCH False" in _py("-c", code).stdout
 
 
+@pytest.mark.parametrize("flags", [["-q"], ["--json"]])
+def test_quiet_safetensors_convert_loads_only_what_it_uses(tmp_path: Path, flags: list[str]) -> None:
+    """A cloned ViT-g converts in about the time vitresize takes to start, so start-up is the conversion's cost:
+    no torch, no pydantic (typer 0.29 builds a pydantic validator per option: the reason for ``typer<0.29``),
+    no rich when nothing is shown, no reader or writer of another format."""
+    dst = tmp_path / "o.safetensors"
+    argv = ["vitresize", "convert", str(fixture("timm_vit_cls.safetensors")), str(dst), "--img-size", "48", *flags]
+    code = (
+        f"import sys\nsys.argv = {argv!r}\nfrom vitresize.cli import main\n"
+        "try:\n    main()\nfinally:\n"
+        "    unused = ('torch', 'pydantic', 'rich', 'zipfile', 'vitresize.formats.torch_pickle',"
+        " 'vitresize.formats.npz', 'vitresize.formats.folder')\n"
+        "    print('LOADED', [m for m in unused if m in sys.modules], file=sys.stderr)\n"
+    )
+    out = _py("-c", code)
+    assert out.returncode == 0 and dst.is_file(), out.stderr
+    assert "LOADED []" in out.stderr, out.stderr
+
+
 def test_python_m_and_version() -> None:
     out = _py("-m", "vitresize", "--version")
     assert out.returncode == 0 and out.stdout.strip() == f"vitresize {vitresize.__version__}"
