@@ -46,14 +46,14 @@ def test_usage_screens_do_not_import_torch(args: list[str]) -> None:
 def test_quiet_safetensors_convert_loads_only_what_it_uses(tmp_path: Path, flags: list[str]) -> None:
     """A cloned ViT-g converts in about the time vitresize takes to start, so start-up is the conversion's cost:
     no torch, no pydantic (typer 0.29 builds a pydantic validator per option: the reason for ``typer<0.29``),
-    no rich when nothing is shown, no reader or writer of another format."""
+    no rich when nothing is shown, no reader or writer of another format, no ``--verify`` code."""
     dst = tmp_path / "o.safetensors"
     argv = ["vitresize", "convert", str(fixture("timm_vit_cls.safetensors")), str(dst), "--img-size", "48", *flags]
     code = (
         f"import sys\nsys.argv = {argv!r}\nfrom vitresize.cli import main\n"
         "try:\n    main()\nfinally:\n"
-        "    unused = ('torch', 'pydantic', 'rich', 'zipfile', 'vitresize.formats.torch_pickle',"
-        " 'vitresize.formats.npz', 'vitresize.formats.folder')\n"
+        "    unused = ('torch', 'pydantic', 'rich', 'zipfile', 'hashlib', 'vitresize.formats.torch_pickle',"
+        " 'vitresize.formats.npz', 'vitresize.formats.folder', 'vitresize._verify')\n"
         "    print('LOADED', [m for m in unused if m in sys.modules], file=sys.stderr)\n"
     )
     out = _py("-c", code)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._verify import verify_output
 from ._version import __version__
 from .budgets import check_output, format_bytes
 from .errors import CheckpointFormatError, InternalError, UsageError, VitresizeError, param
@@ -373,6 +372,8 @@ def execute(
             with _reopen(tmp, dst) as out:
                 _check_written(dst, ckpt, out, writer, sds, resampled.changes)
                 if verify:
+                    from ._verify import verify_output  # hashlib and the hashing code: --verify only
+
                     verified = verify_output(ckpt, out, writer.whole_container, sds, set(resampled.changes))
     except OSError as e:
         raise _io_error(e, ckpt, dst) from None
