@@ -211,7 +211,9 @@ def test_numpy_scalars_in_training_checkpoints_load(run: Any, tmp_path: Path) ->
     dst = tmp_path / "o.pth"
     res = run("convert", src, dst, "--img-size", "48", "--verify")
     assert res.exit_code == 0, res.stderr
-    out = vitresize.formats.torch_pickle.load_container(dst, mmap=False)
+    from vitresize.formats.torch_pickle import load_container
+
+    out = load_container(dst, mmap=False)
     assert out["best_acc1"] == np.float64(81.5) and out["step"] == np.int64(9)
 
 

@@ -7,8 +7,8 @@ point to). Adding a format is its module and a line in :data:`READERS` (with the
 and/or :data:`WRITERS`, and a writer's name in :data:`vitresize.options.OutputFormat`.
 
 The registries name their readers and writers by module (:class:`._registry.Registry`): a format's module is
-imported when a file of that format is read or written, so a safetensors conversion never loads the pickle and
-zip code.
+imported when a file of that format is read, or when :func:`writer_for` tries its writer, so a safetensors
+conversion never loads the pickle and zip code.
 """
 
 from __future__ import annotations
