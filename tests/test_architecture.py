@@ -379,15 +379,27 @@ def test_unknown_extension_lists_the_registered_ones(toy: None, tmp_path: Path) 
 # The registries import a format's module when a file of that format is read or written (formats/_registry.py).
 
 
-def test_registry_imports_an_entry_on_first_lookup(
+@pytest.fixture
+def probe_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> None:
+) -> Callable[[str], str]:
+    """``probe_module(source)``: the name of a new importable module of that source, not imported yet, and
+    forgotten after the test."""
+
+    def write(source: str) -> str:
+        name = f"vitresize_probe_{tmp_path.name}"
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        request.addfinalizer(lambda: sys.modules.pop(name, None))
+        return name
+
+    return write
+
+
+def test_registry_imports_an_entry_on_first_lookup(probe_module: Callable[[str], str]) -> None:
     from vitresize.formats._registry import Registry
 
-    probe = f"vitresize_lazy_probe_{tmp_path.name}"
-    (tmp_path / f"{probe}.py").write_text("class Thing:\n    class Inner:\n        pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    request.addfinalizer(lambda: sys.modules.pop(probe, None))
+    probe = probe_module("class Thing:\n    class Inner:\n        pass\n")
     made: list[type] = []
 
     def make(cls: type) -> type:
@@ -416,16 +428,11 @@ def test_registry_imports_an_entry_on_first_lookup(
         Registry({"bad": "no_colon"})
 
 
-def test_registry_imports_once_across_threads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> None:
+def test_registry_imports_once_across_threads(probe_module: Callable[[str], str]) -> None:
     """batch --jobs: threads that look up an entry while it is being imported get the one object made."""
     from vitresize.formats._registry import Registry
 
-    probe = f"vitresize_slow_probe_{tmp_path.name}"
-    (tmp_path / f"{probe}.py").write_text("import time\ntime.sleep(0.2)\n\nclass W:\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    request.addfinalizer(lambda: sys.modules.pop(probe, None))
+    probe = probe_module("import time\ntime.sleep(0.2)\n\nclass W:\n    pass\n")
     reg: Registry[Any] = Registry({"w": f"{probe}:W"}, make=lambda cls: cls())
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda _: reg["w"], range(8)))
