@@ -71,21 +71,29 @@ def test_equals_timm_bit_for_bit(seed: int) -> None:
     assert _sweep(seed, 60, VARIANT) == []
 
 
+def _resampled_f32(
+    pe: torch.Tensor, old: tuple[int, int], new: tuple[int, int], variant: str, prefix: int = 0
+) -> bytes:
+    """vitresize's resampling of a float32 table ``pe``, as bytes (``None`` from it fails the test)."""
+    got = resample_pos_table(
+        pe.numpy().tobytes(),
+        "float32",
+        tuple(pe.shape),
+        old_grid=old,
+        new_grid=new,
+        num_prefix_tokens=prefix,
+        variant=variant,
+    )
+    assert got is not None
+    return bytes(got.to_bytes())
+
+
 @needs_variant
 def test_vit_giant_table_equals_timm() -> None:
     pe = torch.randn(1, 257, 1408, generator=torch.Generator().manual_seed(0)) * 0.02
     want = resample_abs_pos_embed(pe, [28, 28], [16, 16], num_prefix_tokens=1)
     assert VARIANT is not None
-    got = resample_pos_table(
-        pe.numpy().tobytes(),
-        "float32",
-        (1, 257, 1408),
-        old_grid=(16, 16),
-        new_grid=(28, 28),
-        num_prefix_tokens=1,
-        variant=VARIANT,
-    )
-    assert got is not None and got.to_bytes() == want.numpy().tobytes()
+    assert _resampled_f32(pe, (16, 16), (28, 28), VARIANT, prefix=1) == want.numpy().tobytes()
 
 
 _SWEEP_SCRIPT = (
@@ -324,16 +332,7 @@ def test_values_near_the_subnormals_equal_timm(
     for pe, stays_normal in [(tiny, False), (tiny / scale, True)]:
         normal.clear()
         want = resample_abs_pos_embed(pe, list(new), list(old), 0).numpy().tobytes()
-        got = resample_pos_table(
-            pe.numpy().tobytes(),
-            "float32",
-            tuple(pe.shape),
-            old_grid=old,
-            new_grid=new,
-            num_prefix_tokens=0,
-            variant=VARIANT,
-        )
-        assert got is not None and got.to_bytes() == want
+        assert _resampled_f32(pe, old, new, VARIANT) == want
         assert set(normal) == ({stays_normal} if VARIANT == "fma" else set())
 
 
@@ -407,19 +406,8 @@ def test_fused_sums_that_float64_rounds_to_a_tie(
     pe = rows[None]  # [1, n_in, dim]: the rows are a grid of 1 x n_in or n_in x 1
     want = resample_abs_pos_embed(pe, list(new), list(old), 0).numpy().tobytes()
 
-    def run() -> bytes:
-        got = resample_pos_table(
-            pe.numpy().tobytes(),
-            "float32",
-            tuple(pe.shape),
-            old_grid=old,
-            new_grid=new,
-            num_prefix_tokens=0,
-            variant="fma",
-        )
-        assert got is not None
-        return bytes(got.to_bytes())
-
-    assert run() == want
+    assert _resampled_f32(pe, old, new, "fma") == want
     monkeypatch.setattr(torchfree, "_round_to_odd", lambda p, c, s: False)
-    assert run() != want  # the traps are real: rounding the float64 sums as they are gives other bits
+    assert (
+        _resampled_f32(pe, old, new, "fma") != want
+    )  # the traps are real: rounding the float64 sums as they are gives other bits
